@@ -1,0 +1,44 @@
+"""The application builder named by `import_path: serve_app.app:build_app` in configs/.
+
+    serve run configs/local.yaml          # a laptop
+    serve deploy configs/cluster.yaml     # a running Ray cluster
+
+`args` become `AppSettings`; each deployment's `user_config` becomes `RuntimeSettings`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from pydantic import ValidationError
+from ray.serve import Application
+
+from serve_app.deployment import ModelServer
+from serve_app.settings import AppSettings, RuntimeSettings
+from serve_app.store import ModelStore
+
+
+class ConfigError(ValueError):
+    """The application's `args` in the YAML cannot be used as they are."""
+
+
+def settings_from_args(args: Mapping[str, Any] | None) -> AppSettings:
+    try:
+        return AppSettings.model_validate(dict(args or {}))
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"args.{'.'.join(map(str, e['loc'])) or '?'}: {e['msg']}" for e in exc.errors()
+        )
+        allowed = ", ".join(AppSettings.model_fields)
+        raise ConfigError(f"invalid serve_app application args: {problems} (allowed keys: {allowed})") from None
+
+
+def build_app(args: Mapping[str, Any] | None = None) -> Application:
+    settings = settings_from_args(args)
+    store = ModelStore(settings.store)
+    if not store.versions(settings.model):
+        raise ConfigError(
+            f"the model store {store.root} has no model {settings.model!r}; train one with: "
+            f"serve-app train --store {store.root} --name {settings.model}"
+        )
+    return ModelServer.options(user_config=RuntimeSettings().model_dump()).bind(settings.model_dump())

@@ -1,0 +1,152 @@
+"""The Ray Serve deployment: one replica holds the models, batches requests and serves HTTP.
+
+HTTP is served by the replica itself (see `http.py`), so a request costs one hop from the
+ingress (HAProxy or Ray's proxy) and no handle call. Python code in the cluster calls the
+same batched path through a deployment handle:
+
+    handle = serve.get_app_handle("serve_app")
+    handle.predict.remote([[5.1, 3.5, 1.4, 0.2]]).result()   # -> array([0])
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from ray import serve
+
+from serve_app.errors import ServeAppError
+from serve_app.predictor import PREDICT, PREDICT_PROBA, Predictor
+from serve_app.service import ModelService
+from serve_app.settings import AppSettings, RuntimeSettings
+
+logger = logging.getLogger("ray.serve")
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    model: str
+    version: str
+    outputs: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class _BatchItem:
+    predictor: Predictor
+    rows: np.ndarray
+    outputs: tuple[str, ...]
+
+
+def _rows_in(items: Sequence[_BatchItem]) -> int:
+    return sum(len(item.rows) for item in items)
+
+
+def _run_group(predictor: Predictor, items: Sequence[_BatchItem]) -> list[dict[str, np.ndarray]]:
+    rows = items[0].rows if len(items) == 1 else np.concatenate([item.rows for item in items])
+    wanted = {name for item in items for name in item.outputs}
+    computed = {name: getattr(predictor, name)(rows) for name in (PREDICT, PREDICT_PROBA) if name in wanted}
+    results = []
+    start = 0
+    for item in items:
+        stop = start + len(item.rows)
+        results.append({name: computed[name][start:stop] for name in item.outputs})
+        start = stop
+    return results
+
+
+@serve.deployment(
+    max_ongoing_requests=512,
+    max_queued_requests=2048,
+    health_check_period_s=5,
+    health_check_timeout_s=10,
+    graceful_shutdown_wait_loop_s=1,
+    graceful_shutdown_timeout_s=20,
+)
+@serve.ingress()
+class ModelServer:
+    """Serves one model name; the version is chosen by `user_config.version`."""
+
+    def __init__(self, settings: Mapping[str, Any] | AppSettings) -> None:
+        self.settings = AppSettings.model_validate(settings)
+        self.service = ModelService(self.settings)
+        self.runtime = RuntimeSettings()
+        self.last_reconfigure_error: str | None = None
+
+    def reconfigure(self, user_config: Mapping[str, Any]) -> None:
+        runtime = RuntimeSettings.model_validate(user_config or {})
+        try:
+            self.service.set_default(runtime.version)
+        except ServeAppError as exc:
+            if self.service._default is None:
+                raise  # nothing to fall back to: the replica must not start
+            # A bad version pushed to a running replica: keep serving the current one.
+            self.last_reconfigure_error = f"version {runtime.version!r} refused: {exc.message}"
+            logger.error("%s; still serving v%s", self.last_reconfigure_error, self.service.default.version)
+            runtime = runtime.model_copy(update={"version": self.runtime.version})
+        else:
+            self.last_reconfigure_error = None
+        self._predict_batch.set_max_batch_size(runtime.max_batch_size)
+        self._predict_batch.set_batch_wait_timeout_s(runtime.batch_wait_timeout_s)
+        self.runtime = runtime
+
+    def check_health(self) -> None:
+        self.service.default.check_health()
+
+    @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.0, batch_size_fn=_rows_in)
+    async def _predict_batch(self, items: list[_BatchItem]) -> list[dict[str, np.ndarray]]:
+        first = items[0].predictor
+        if all(item.predictor is first for item in items):
+            return _run_group(first, items)
+        results: list[dict[str, np.ndarray]] = [{} for _ in items]
+        by_predictor: dict[int, list[int]] = {}
+        for index, item in enumerate(items):
+            by_predictor.setdefault(id(item.predictor), []).append(index)
+        for indices in by_predictor.values():
+            group = [items[i] for i in indices]
+            for index, result in zip(indices, _run_group(group[0].predictor, group)):
+                results[index] = result
+        return results
+
+    async def infer(
+        self,
+        rows: Any,
+        outputs: Sequence[str] = (PREDICT,),
+        version: str | None = None,
+        model: str | None = None,
+    ) -> InferenceResult:
+        """Validates `rows` and predicts them in a batch with other concurrent requests."""
+        predictor = self.service.predictor(version, model)
+        outputs = tuple(outputs)
+        predictor.check_outputs(outputs)
+        array = predictor.validate(rows)
+        item = _BatchItem(predictor, array, outputs)
+        if len(array) > self.runtime.max_batch_size:
+            result = _run_group(predictor, [item])[0]  # already a full batch on its own
+        else:
+            result = await self._predict_batch(item)
+        return InferenceResult(predictor.name, predictor.version, result)
+
+    async def predict(self, rows: Any, version: str | None = None) -> np.ndarray:
+        return (await self.infer(rows, (PREDICT,), version)).outputs[PREDICT]
+
+    async def predict_proba(self, rows: Any, version: str | None = None) -> np.ndarray:
+        return (await self.infer(rows, (PREDICT_PROBA,), version)).outputs[PREDICT_PROBA]
+
+    def status(self) -> dict[str, Any]:
+        """What this replica serves right now (for operators and tests)."""
+        return {
+            "model": self.service.name,
+            "version": self.service.default.version,
+            "requested_version": self.runtime.version,
+            "loaded_versions": self.service.loaded_versions(),
+            "max_batch_size": self.runtime.max_batch_size,
+            "batch_wait_timeout_s": self.runtime.batch_wait_timeout_s,
+            "last_reconfigure_error": self.last_reconfigure_error,
+        }
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from serve_app.http import build_http_app
+
+        return build_http_app(self)

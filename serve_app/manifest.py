@@ -1,0 +1,112 @@
+"""What the store records about each model version, and the statistics drift is measured against."""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+MANIFEST_FILENAME = "manifest.json"
+MODEL_FILENAMES = {"skops": "model.skops", "joblib": "model.joblib"}
+QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+HISTOGRAM_BINS = 10
+REFERENCE_SAMPLE_SIZE = 256
+
+
+class FeatureStats(BaseModel):
+    """Training-time distribution of one feature (the drift monitor's reference)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mean: float
+    std: float
+    min: float
+    max: float
+    quantiles: dict[str, float]
+    # Decile edges of the training data and the fraction of rows in each bin (for PSI).
+    bin_edges: list[float]
+    bin_fractions: list[float]
+    # A sorted sample of training values (for a two-sample KS test).
+    sample: list[float]
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    version: str
+    created_at: str
+    format: Literal["skops", "joblib"]
+    model_file: str
+    sha256: str
+    size_bytes: int
+    estimator: str
+    task: Literal["classification", "regression"]
+    feature_names: list[str]
+    n_features: int
+    classes: list[Any] | None = None
+    outputs: list[str]
+    dataset: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    n_train: int = 0
+    n_test: int = 0
+    training_stats: dict[str, FeatureStats] = Field(default_factory=dict)
+    versions: dict[str, str] = Field(default_factory=dict)
+    created_by: str = ""
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    import joblib
+    import sklearn
+
+    versions = {
+        "python": platform.python_version(),
+        "sklearn": sklearn.__version__,
+        "joblib": joblib.__version__,
+        "numpy": np.__version__,
+    }
+    try:
+        import skops
+
+        versions["skops"] = skops.__version__
+    except ImportError:  # pragma: no cover - skops is a declared dependency
+        pass
+    return versions
+
+
+def feature_stats(column: np.ndarray, rng: np.random.Generator) -> FeatureStats:
+    column = np.asarray(column, dtype=np.float64)
+    edges = np.unique(np.quantile(column, np.linspace(0.0, 1.0, HISTOGRAM_BINS + 1)))
+    if len(edges) < 2:  # a constant feature still gets one bin
+        edges = np.array([column[0] - 0.5, column[0] + 0.5])
+    counts, _ = np.histogram(column, bins=edges)
+    size = min(REFERENCE_SAMPLE_SIZE, len(column))
+    sample = np.sort(rng.choice(column, size=size, replace=False))
+    return FeatureStats(
+        mean=float(column.mean()),
+        std=float(column.std()),
+        min=float(column.min()),
+        max=float(column.max()),
+        quantiles={str(q): float(np.quantile(column, q)) for q in QUANTILES},
+        bin_edges=edges.tolist(),
+        bin_fractions=(counts / counts.sum()).tolist(),
+        sample=sample.tolist(),
+    )
+
+
+def training_stats(features: np.ndarray, names: list[str], seed: int = 0) -> dict[str, FeatureStats]:
+    rng = np.random.default_rng(seed)
+    return {name: feature_stats(features[:, i], rng) for i, name in enumerate(names)}

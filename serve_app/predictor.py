@@ -1,0 +1,166 @@
+"""The model runtime: load a verified version from the store and predict on numpy arrays.
+
+It knows nothing of HTTP or Ray; the deployment, the batch job and embedded users all
+call the same `Predictor`:
+
+    >>> from serve_app import Predictor
+    >>> predictor = Predictor.load("models", "iris")          # the `production` alias
+    >>> predictor.predict(predictor.validate([[5.1, 3.5, 1.4, 0.2]]))
+    array([0])
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import sklearn
+from sklearn.linear_model import LogisticRegression
+from sklearn.utils.extmath import softmax
+
+from serve_app.errors import InvalidInput, ModelLoadError, PayloadTooLarge
+from serve_app.manifest import Manifest
+from serve_app.store import DEFAULT_ALIAS, ModelStore
+
+PREDICT = "predict"
+PREDICT_PROBA = "predict_proba"
+VALID_OUTPUTS = (PREDICT, PREDICT_PROBA)
+DEFAULT_MAX_ROWS = 100_000
+
+
+class Predictor:
+    def __init__(self, model: Any, manifest: Manifest, *, max_rows: int = DEFAULT_MAX_ROWS) -> None:
+        self.model = model
+        self.manifest = manifest
+        self.max_rows = max_rows
+        self.outputs = tuple(o for o in manifest.outputs if o in VALID_OUTPUTS)
+        n_in = getattr(model, "n_features_in_", manifest.n_features)
+        if n_in != manifest.n_features:
+            raise ModelLoadError(
+                f"{manifest.name} v{manifest.version}: the model takes {n_in} features, "
+                f"its manifest says {manifest.n_features}"
+            )
+        self._linear = model if type(model) is LogisticRegression else None
+        self._canned_row = np.array(
+            [[manifest.training_stats[f].mean if f in manifest.training_stats else 0.0 for f in manifest.feature_names]]
+        )
+
+    @classmethod
+    def load(
+        cls,
+        store: ModelStore | str | os.PathLike[str],
+        name: str,
+        ref: str | int = DEFAULT_ALIAS,
+        *,
+        max_rows: int = DEFAULT_MAX_ROWS,
+        expected_features: int | None = None,
+    ) -> "Predictor":
+        """Loads `name` at a version or alias, refusing a file or library that doesn't match."""
+        store = store if isinstance(store, ModelStore) else ModelStore(store)
+        manifest = store.manifest(name, ref)
+        check_library_versions(manifest)
+        if expected_features is not None and expected_features != manifest.n_features:
+            raise ModelLoadError(
+                f"the config expects {expected_features} features but {name} v{manifest.version} "
+                f"takes {manifest.n_features} ({', '.join(manifest.feature_names)})"
+            )
+        model, manifest = store.load_verified(name, manifest.version)
+        return cls(model, manifest, max_rows=max_rows)
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    @property
+    def n_features(self) -> int:
+        return self.manifest.n_features
+
+    def validate(self, rows: Any) -> np.ndarray:
+        """The rows as a finite float64 [n, n_features] array, or a 4xx error saying why not."""
+        array = np.asarray(rows)
+        if array.dtype.kind not in "iuf":
+            raise InvalidInput(f"features must be numbers, got {array.dtype} values")
+        if array.ndim == 1 and array.size == self.n_features:
+            array = array.reshape(1, -1)
+        if array.ndim != 2:
+            raise InvalidInput(
+                f"expected rows of {self.n_features} features (shape [rows, {self.n_features}]), "
+                f"got shape {list(array.shape)}"
+            )
+        if array.shape[1] != self.n_features:
+            raise InvalidInput(
+                f"each row needs {self.n_features} features "
+                f"({', '.join(self.manifest.feature_names)}), got {array.shape[1]}"
+            )
+        if array.shape[0] == 0:
+            raise InvalidInput("no rows to predict; send at least one row")
+        if array.shape[0] > self.max_rows:
+            raise PayloadTooLarge(
+                f"{array.shape[0]} rows in one request; the limit is {self.max_rows} (split the request)"
+            )
+        array = np.ascontiguousarray(array, dtype=np.float64)
+        finite = np.isfinite(array)
+        if not finite.all():
+            row, column = map(int, np.argwhere(~finite)[0])
+            raise InvalidInput(
+                f"row {row}, feature {column} ({self.manifest.feature_names[column]}) is "
+                f"{array[row, column]}; features must be finite numbers"
+            )
+        return array
+
+    def check_outputs(self, names: Iterable[str]) -> None:
+        unknown = [n for n in names if n not in self.outputs]
+        if unknown:
+            raise InvalidInput(
+                f"unknown output {unknown[0]!r} for {self.name} v{self.version}; "
+                f"available: {', '.join(self.outputs)}"
+            )
+
+    # The inputs below are already validated, so sklearn's own checks are skipped: either
+    # with assume_finite, or for a plain LogisticRegression by doing its arithmetic directly
+    # (the same numpy operations in the same order, so the results are bit-identical).
+
+    def predict(self, rows: np.ndarray) -> np.ndarray:
+        if self._linear is not None:
+            scores = rows @ self._linear.coef_.T + self._linear.intercept_
+            if scores.shape[1] == 1:
+                return self._linear.classes_.take((scores.ravel() > 0).astype(np.intp))
+            return self._linear.classes_.take(scores.argmax(axis=1))
+        with sklearn.config_context(assume_finite=True):
+            return np.asarray(self.model.predict(rows))
+
+    def predict_proba(self, rows: np.ndarray) -> np.ndarray:
+        if PREDICT_PROBA not in self.outputs:
+            raise InvalidInput(f"{self.name} v{self.version} ({self.manifest.estimator}) has no predict_proba")
+        if self._linear is not None and len(self._linear.classes_) > 2:
+            return softmax(rows @ self._linear.coef_.T + self._linear.intercept_, copy=False)
+        with sklearn.config_context(assume_finite=True):
+            return np.asarray(self.model.predict_proba(rows))
+
+    def run(self, rows: np.ndarray, outputs: Sequence[str] = (PREDICT,)) -> dict[str, np.ndarray]:
+        self.check_outputs(outputs)
+        return {name: getattr(self, name)(rows) for name in outputs}
+
+    def check_health(self) -> None:
+        """Scores one canned row; raises if the model cannot answer."""
+        result = self.predict(self._canned_row)
+        if result.shape[0] != 1:
+            raise RuntimeError(f"health check: expected 1 prediction, got shape {result.shape}")
+
+    def metadata(self) -> Mapping[str, Any]:
+        return self.manifest.model_dump(mode="json", exclude={"training_stats"})
+
+
+def check_library_versions(manifest: Manifest) -> None:
+    stored = manifest.versions.get("sklearn")
+    if stored and stored != sklearn.__version__:
+        raise ModelLoadError(
+            f"{manifest.name} v{manifest.version} was saved with scikit-learn {stored} but "
+            f"{sklearn.__version__} is installed; install scikit-learn=={stored} or retrain it "
+            f"with: serve-app train --name {manifest.name}"
+        )

@@ -1,0 +1,110 @@
+"""Ending exactly the processes we started: Ray and the HAProxy it spawns.
+
+`ray stop --force` and a killed `serve run` can leave HAProxy holding port 8000, and it is
+not a child of anything we can wait on. So whoever starts Ray records the whole process
+tree under it (by pid and start time, so a reused pid is never hit) and ends what is left.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Iterable
+
+Process = tuple[int, int]  # (pid, start time in clock ticks): unique for the machine's uptime
+
+# Environment for Ray Serve's fast path (see README "Environment variables").
+FAST_PATH_ENV = {
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+}
+
+
+def _stat(pid: int) -> tuple[int, int] | None:
+    """(parent pid, start time) of a live process, or None."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()
+    if fields[0] == "Z":
+        return None
+    return int(fields[1]), int(fields[19])
+
+
+def descendants(root: int) -> set[Process]:
+    """Every live process below `root` (not `root` itself)."""
+    children: dict[int, list[Process]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            info = _stat(int(entry))
+            if info is not None:
+                children.setdefault(info[0], []).append((int(entry), info[1]))
+    found: set[Process] = set()
+    stack = [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in found:
+                found.add(child)
+                stack.append(child[0])
+    return found
+
+
+def alive(process: Process) -> bool:
+    info = _stat(process[0])
+    return info is not None and info[1] == process[1]
+
+
+def end(processes: Iterable[Process], grace_s: float = 5.0) -> list[int]:
+    """SIGTERM, then SIGKILL after `grace_s`, each process that is still the one we saw."""
+    targets = [p for p in processes if alive(p)]
+    for pid, _ in targets:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(alive(p) for p in targets):
+        time.sleep(0.1)
+    for process in targets:
+        if alive(process):
+            try:
+                os.kill(process[0], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return [pid for pid, _ in targets]
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def haproxy_env(state_dir: Path, *, stats_port: int | None = None, metrics_port: int | None = None) -> dict[str, str]:
+    """Keeps one HAProxy's files (and optionally ports) apart from any other on the machine."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    env = {
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(state_dir / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(state_dir / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(state_dir),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(state_dir / "server-state"),
+    }
+    if stats_port is not None:
+        env["RAY_SERVE_HAPROXY_STATS_PORT"] = str(stats_port)
+    if metrics_port is not None:
+        env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(metrics_port)
+    return env

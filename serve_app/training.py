@@ -1,0 +1,143 @@
+"""Offline training into the model store (no Ray needed).
+
+The default is the seed's model: LogisticRegression(max_iter=1000) on iris.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+from sklearn import datasets
+from sklearn.base import is_classifier
+from sklearn.ensemble import RandomForestClassifier, RandomForestRegressor
+from sklearn.linear_model import LinearRegression, LogisticRegression
+from sklearn.metrics import accuracy_score, mean_absolute_error, r2_score
+from sklearn.model_selection import train_test_split
+
+from serve_app.artefacts import ModelFormat
+from serve_app.manifest import Manifest, library_versions, training_stats
+from serve_app.store import ModelStore
+
+DEFAULT_MODEL_NAME = "iris"
+DEFAULT_DATASET = "iris"
+DEFAULT_ESTIMATOR = "logistic_regression"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    features: np.ndarray
+    target: np.ndarray
+    feature_names: list[str]
+    task: str
+
+
+def _builtin(loader: Callable[..., Any], task: str) -> Callable[[], Dataset]:
+    def load() -> Dataset:
+        bunch = loader()
+        return Dataset(np.asarray(bunch.data, dtype=np.float64), np.asarray(bunch.target), list(bunch.feature_names), task)
+
+    return load
+
+
+DATASETS: dict[str, Callable[[], Dataset]] = {
+    "iris": _builtin(datasets.load_iris, "classification"),
+    "wine": _builtin(datasets.load_wine, "classification"),
+    "breast_cancer": _builtin(datasets.load_breast_cancer, "classification"),
+    "diabetes": _builtin(datasets.load_diabetes, "regression"),
+}
+
+ESTIMATORS: dict[str, dict[str, Callable[[], Any]]] = {
+    "classification": {
+        "logistic_regression": lambda: LogisticRegression(max_iter=1000),
+        "random_forest": lambda: RandomForestClassifier(n_estimators=100, random_state=0),
+    },
+    "regression": {
+        "linear_regression": lambda: LinearRegression(),
+        "random_forest": lambda: RandomForestRegressor(n_estimators=100, random_state=0),
+    },
+}
+
+
+def _metrics(model: Any, features: np.ndarray, target: np.ndarray) -> dict[str, float]:
+    predicted = model.predict(features)
+    if is_classifier(model):
+        return {"accuracy": float(accuracy_score(target, predicted))}
+    return {"r2": float(r2_score(target, predicted)), "mae": float(mean_absolute_error(target, predicted))}
+
+
+def train(
+    store: ModelStore,
+    *,
+    name: str = DEFAULT_MODEL_NAME,
+    dataset: str = DEFAULT_DATASET,
+    estimator: str | None = None,
+    fmt: ModelFormat = "skops",
+    test_size: float = 0.25,
+    seed: int = 0,
+) -> Manifest:
+    """Fits an estimator on a built-in dataset, scores it on a held-out split, stores it.
+
+    The stored model is refitted on all rows after scoring, as the seed did; the metrics
+    are the held-out ones.
+    """
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    data = DATASETS[dataset]()
+    choices = ESTIMATORS[data.task]
+    estimator = estimator or next(iter(choices))
+    if estimator not in choices:
+        raise ValueError(
+            f"estimator {estimator!r} does not fit the {data.task} dataset {dataset!r}; "
+            f"choose one of {', '.join(choices)}"
+        )
+    x_train, x_test, y_train, y_test = train_test_split(
+        data.features, data.target, test_size=test_size, random_state=seed,
+        stratify=data.target if data.task == "classification" else None,
+    )
+    scored = choices[estimator]().fit(x_train, y_train)
+    metrics = _metrics(scored, x_test, y_test)
+    model = choices[estimator]().fit(data.features, data.target)
+    return save_fitted(
+        store, model, name=name, feature_names=data.feature_names, reference=x_train,
+        dataset=dataset, metrics=metrics, n_train=len(x_train), n_test=len(x_test), fmt=fmt,
+    )
+
+
+def save_fitted(
+    store: ModelStore,
+    model: Any,
+    *,
+    name: str,
+    feature_names: list[str] | None = None,
+    reference: np.ndarray | None = None,
+    dataset: str = "custom",
+    metrics: dict[str, float] | None = None,
+    n_train: int = 0,
+    n_test: int = 0,
+    fmt: ModelFormat = "skops",
+    promote_first: bool = True,
+) -> Manifest:
+    """Stores an already fitted estimator with a full manifest (also used by tests)."""
+    n_features = int(model.n_features_in_)
+    names = feature_names or [f"x{i}" for i in range(n_features)]
+    classifier = is_classifier(model)
+    outputs = ["predict"] + (["predict_proba"] if hasattr(model, "predict_proba") else [])
+    fields = {
+        "name": name,
+        "estimator": f"{type(model).__module__}.{type(model).__qualname__}",
+        "task": "classification" if classifier else "regression",
+        "feature_names": names,
+        "n_features": n_features,
+        "classes": np.asarray(model.classes_).tolist() if classifier else None,
+        "outputs": outputs,
+        "dataset": dataset,
+        "params": {k: v for k, v in model.get_params().items() if isinstance(v, (int, float, str, bool, type(None)))},
+        "metrics": metrics or {},
+        "n_train": n_train,
+        "n_test": n_test,
+        "training_stats": training_stats(reference, names) if reference is not None else {},
+        "versions": library_versions(),
+    }
+    return store.save(model, fields, fmt=fmt, promote_first=promote_first)
