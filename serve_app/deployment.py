@@ -11,6 +11,7 @@ same batched path through a deployment handle:
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -137,6 +138,7 @@ class ModelServer:
     def status(self) -> dict[str, Any]:
         """What this replica serves right now (for operators and tests)."""
         return {
+            "pid": os.getpid(),
             "model": self.service.name,
             "version": self.service.default.version,
             "requested_version": self.runtime.version,

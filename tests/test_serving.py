@@ -1,0 +1,211 @@
+"""The served application over real HTTP (through HAProxy) and through Ray handles."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from serve_app import codec
+from serve_app.predictor import Predictor
+
+from .conftest import IRIS_ROWS, app_config, wait_for
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def expected(served: dict[str, Any]) -> dict[str, np.ndarray]:
+    predictor = Predictor.load(served["store"], "iris", "production")
+    rows = np.array(IRIS_ROWS)
+    return {"predict": predictor.model.predict(rows), "predict_proba": predictor.model.predict_proba(rows)}
+
+
+def test_seed_contract_single_row(served: dict[str, Any]) -> None:
+    reply = httpx.post(f"{served['base_url']}/predict", json={"features": [5.1, 3.5, 1.4, 0.2]})
+    assert reply.status_code == 200
+    body = reply.json()
+    assert body["prediction"] == 0
+    assert body["model"] == "iris" and body["version"] == "1"
+    assert reply.headers["x-model-name"] == "iris"
+    assert reply.headers["x-model-version"] == "1"
+    assert reply.headers["content-type"] == "application/json"
+
+
+def test_seed_contract_with_curl_default_content_type(served: dict[str, Any]) -> None:
+    # `curl -d` sends application/x-www-form-urlencoded; the README's curl must work.
+    reply = httpx.post(
+        f"{served['base_url']}/predict",
+        content=b'{"features":[5.1,3.5,1.4,0.2]}',
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["prediction"] == 0
+
+
+def test_seed_many_rows(served: dict[str, Any], expected: dict[str, np.ndarray]) -> None:
+    reply = httpx.post(f"{served['base_url']}/predict", json={"features": IRIS_ROWS})
+    assert reply.status_code == 200
+    assert reply.json()["predictions"] == expected["predict"].tolist()
+
+
+def test_seed_flask_client_unchanged(served: dict[str, Any]) -> None:
+    import requests  # the seed's client library
+
+    reply = requests.post(f"{served['base_url']}/predict", json={"features": [5.1, 3.5, 1.4, 0.2]}, timeout=10)
+    assert reply.json()["prediction"] == 0
+
+
+def test_kserve_v1(served: dict[str, Any], expected: dict[str, np.ndarray]) -> None:
+    reply = httpx.post(f"{served['base_url']}/v1/models/iris:predict", json={"instances": IRIS_ROWS})
+    assert reply.status_code == 200
+    body = reply.json()
+    assert body["predictions"] == expected["predict"].tolist()
+    assert body["model_name"] == "iris" and body["model_version"] == "1"
+    status = httpx.get(f"{served['base_url']}/v1/models/iris").json()
+    assert status == {"name": "iris", "ready": True, "version": "1"}
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "FP64", "INT32", "INT64"])
+def test_v2_json_all_outputs_by_default(served: dict[str, Any], datatype: str) -> None:
+    # Values exact in every datatype, so the server's float64 view equals ours.
+    exact = [[5.0, 3.5, 1.5, 0.25], [6.75, 3.0, 5.25, 2.25]] if datatype.startswith("FP") else [[5, 3, 1, 0], [7, 3, 5, 2]]
+    rows = np.array(exact, dtype=codec.V2_DATATYPES[datatype])
+    body, headers = codec.encode_v2_request(rows, binary=False)
+    reply = httpx.post(f"{served['base_url']}/v2/models/iris/infer", content=body, headers=headers)
+    assert reply.status_code == 200, reply.text
+    outputs = codec.decode_v2_response(reply.content, reply.headers.get(codec.BINARY_HEADER))
+    model = Predictor.load(served["store"], "iris", "1").model
+    as_float = rows.astype(np.float64)
+    assert outputs["predict"].tolist() == model.predict(as_float).tolist()
+    np.testing.assert_allclose(outputs["predict_proba"], model.predict_proba(as_float), rtol=1e-12)
+    assert reply.json()["model_version"] == "1"
+
+
+def test_v2_binary_inputs_and_outputs(served: dict[str, Any], expected: dict[str, np.ndarray]) -> None:
+    rows = np.array(IRIS_ROWS, dtype=np.float32)
+    body, headers = codec.encode_v2_request(rows, binary=True, outputs=["predict_proba", "predict"], binary_outputs=True)
+    reply = httpx.post(f"{served['base_url']}/v2/models/iris/infer", content=body, headers=headers)
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["content-type"] == codec.BINARY_CONTENT_TYPE
+    assert int(reply.headers[codec.BINARY_HEADER]) < len(reply.content)
+    outputs = codec.decode_v2_response(reply.content, reply.headers[codec.BINARY_HEADER])
+    model = Predictor.load(served["store"], "iris", "1").model
+    assert outputs["predict"].tolist() == model.predict(rows.astype(np.float64)).tolist()
+    np.testing.assert_array_equal(outputs["predict_proba"], model.predict_proba(rows.astype(np.float64)))
+    assert reply.headers["x-model-version"] == "1"
+
+
+def test_v2_only_requested_output(served: dict[str, Any]) -> None:
+    body, headers = codec.encode_v2_request(np.array(IRIS_ROWS), binary=False, outputs=["predict"])
+    reply = httpx.post(f"{served['base_url']}/v2/models/iris/infer", content=body, headers=headers)
+    assert [o["name"] for o in reply.json()["outputs"]] == ["predict"]
+
+
+def test_v2_specific_version_side_by_side(served: dict[str, Any]) -> None:
+    store = served["store"]
+    rows = np.array(IRIS_ROWS)
+    for version in ("1", "2"):
+        body, headers = codec.encode_v2_request(rows, binary=True, outputs=["predict"])
+        reply = httpx.post(f"{served['base_url']}/v2/models/iris/versions/{version}/infer", content=body, headers=headers)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["model_version"] == version
+        expected = Predictor.load(store, "iris", version).model.predict(rows)
+        assert codec.decode_v2_response(reply.content, None)["predict"].tolist() == expected.tolist()
+    # The seed route picks a version with a header.
+    reply = httpx.post(f"{served['base_url']}/predict", json={"features": IRIS_ROWS[0]}, headers={"x-model-version": "2"})
+    assert reply.json()["version"] == "2"
+
+
+def test_v2_health_and_metadata(served: dict[str, Any]) -> None:
+    url = served["base_url"]
+    assert httpx.get(f"{url}/v2/health/live").json() == {"live": True}
+    assert httpx.get(f"{url}/v2/health/ready").json() == {"ready": True}
+    meta = httpx.get(f"{url}/v2/models/iris").json()
+    assert meta["name"] == "iris" and meta["platform"] == "sklearn"
+    assert meta["versions"] == ["1", "2"]
+    assert meta["inputs"] == [{"name": "input-0", "datatype": "FP64", "shape": [-1, 4]}]
+    assert {o["name"] for o in meta["outputs"]} == {"predict", "predict_proba"}
+    assert httpx.get(f"{url}/v2/models/iris/versions/2").json()["parameters"]["version"] == "2"
+    assert httpx.get(f"{url}/v2/models/iris/ready").json()["ready"] is True
+    assert httpx.get(f"{url}/v2/models/iris/versions/2/ready").json()["version"] == "2"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/v2/models/nope", 404),
+        ("GET", "/v2/models/iris/versions/99", 404),
+        ("POST", "/v2/models/iris/versions/99/infer", 404),
+        ("GET", "/no/such/route", 404),
+        ("GET", "/predict", 405),
+    ],
+)
+def test_unknown_things_are_json_errors(served: dict[str, Any], method: str, path: str, status: int) -> None:
+    reply = httpx.request(method, f"{served['base_url']}{path}", content=b"{}")
+    assert reply.status_code == status
+    assert set(reply.json()) == {"error"}
+
+
+def test_openapi_lists_every_route(served: dict[str, Any]) -> None:
+    from starlette.routing import Route
+
+    from serve_app.http import build_http_app
+
+    document = httpx.get(f"{served['base_url']}/openapi.json").json()
+    assert document["openapi"].startswith("3.")
+
+    class Stub:
+        settings = type("S", (), {"max_body_bytes": 1})()
+        service = None
+
+    app = build_http_app(Stub())  # type: ignore[arg-type]
+    served_routes = {(r.path, m.lower()) for r in app.routes if isinstance(r, Route) for m in (r.methods or ()) if m != "HEAD"}
+    documented = {(path, method) for path, item in document["paths"].items() for method in item if method != "parameters"}
+    assert served_routes == documented
+
+
+def test_handle_calls_skip_http(served: dict[str, Any], expected: dict[str, np.ndarray]) -> None:
+    handle = served["handle"]
+    assert handle.predict.remote(np.array(IRIS_ROWS)).result().tolist() == expected["predict"].tolist()
+    assert handle.predict.remote(IRIS_ROWS[0]).result().tolist() == expected["predict"][:1].tolist()
+    np.testing.assert_allclose(handle.predict_proba.remote(IRIS_ROWS).result(), expected["predict_proba"])
+    result = handle.infer.remote(IRIS_ROWS, ["predict"], "2").result()
+    assert result.version == "2"
+
+
+def test_handle_errors_keep_their_status(served: dict[str, Any]) -> None:
+    from serve_app.errors import InvalidInput
+
+    with pytest.raises(InvalidInput) as raised:
+        served["handle"].predict.remote([[1.0, 2.0]]).result()
+    assert raised.value.status_code == 422
+    assert "4 features" in str(raised.value)
+
+
+def _redeploy(served: dict[str, Any], user_config: dict[str, Any]) -> None:
+    served["cluster"].apply(app_config(served["store"], num_replicas=2, user_config=user_config), wait=False)
+
+
+def _replica_statuses(served: dict[str, Any], calls: int = 12) -> list[dict[str, Any]]:
+    return [served["handle"].status.remote().result() for _ in range(calls)]
+
+
+def test_live_reconfigure_of_batching_without_restart(served: dict[str, Any]) -> None:
+    before = _replica_statuses(served)
+    assert {s["max_batch_size"] for s in before} == {256}
+    pids = {s["pid"] for s in before}
+    _redeploy(served, {"max_batch_size": 8, "batch_wait_timeout_s": 0.002})
+    try:
+        wait_for(
+            lambda: all(s["max_batch_size"] == 8 and s["batch_wait_timeout_s"] == 0.002 for s in _replica_statuses(served)),
+            what="every replica to take the new batch settings",
+        )
+        assert {s["pid"] for s in _replica_statuses(served)} == pids, "replicas were restarted"
+        reply = httpx.post(f"{served['base_url']}/predict", json={"features": IRIS_ROWS * 5})
+        assert reply.status_code == 200 and len(reply.json()["predictions"]) == 15
+    finally:
+        _redeploy(served, {})
+        wait_for(lambda: {s["max_batch_size"] for s in _replica_statuses(served)} == {256}, what="defaults back")
