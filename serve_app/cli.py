@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from serve_app.errors import ServeAppError
 from serve_app.settings import default_store
@@ -76,19 +76,123 @@ def cmd_models_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _target(args: argparse.Namespace) -> Any:
+    from serve_app.rollout import Target
+
+    return Target(address=args.address, app=args.app, url=args.url)
+
+
+def _cluster_reachable(args: argparse.Namespace) -> bool:
+    from serve_app import ops
+
+    try:
+        ops.details(args.address)
+        return True
+    except Exception:
+        return False
+
+
+def _verified_version(store: ModelStore, name: str, ref: str) -> str:
+    """Resolves `ref` and loads it here first, so a broken version is refused before any change."""
+    from serve_app.predictor import Predictor
+
+    predictor = Predictor.load(store, name, ref)
+    predictor.check_health()
+    return predictor.version
+
+
+def _go_live(args: argparse.Namespace, name: str, version: str, action: Callable[[], Any]) -> int:
+    """Applies a change to the running app, or says why it was not applied."""
+    from serve_app import rollout
+
+    if args.store_only:
+        return 0
+    if not _cluster_reachable(args):
+        print(f"  no running cluster at {args.address or 'the default dashboard address'}: only the store changed; "
+              "the next deploy serves it (pass --address http://HEAD:8265 to update a running app)")
+        return 0
+    served_model = rollout.model_name(_target(args))
+    if served_model != name:
+        print(f"  the running app {args.app!r} serves {served_model!r}, not {name!r}: only the store changed")
+        return 0
+    try:
+        replicas = action()
+    except rollout.RolloutRefused as exc:
+        print(f"serve-app: error: refused, nothing changed for clients: {exc}", file=sys.stderr)
+        return 3
+    print(f"  live: {len(replicas)} replica(s) switched without a restart: {next(iter(replicas.values()))['routing']}")
+    return 0
+
+
 def cmd_models_promote(args: argparse.Namespace) -> int:
+    from serve_app import rollout
+
     store = _store(args)
+    version = _verified_version(store, args.name, args.ref)
     before = store.aliases(args.name).get(args.alias)
-    version = store.promote(args.name, args.ref, args.alias, reason=args.reason or "")
+    code = _go_live(args, args.name, version, lambda: rollout.serve_version(version, _target(args)))
+    if code:
+        return code
+    store.promote(args.name, version, args.alias, reason=args.reason or "")
     print(f"{args.name}: {args.alias} -> v{version} (was {('v' + before) if before else 'unset'})")
     return 0
 
 
 def cmd_models_rollback(args: argparse.Namespace) -> int:
+    from serve_app import rollout
+
     store = _store(args)
     before = store.aliases(args.name).get(args.alias)
-    version = store.rollback(args.name, args.alias)
+    previous = store.previous_version(args.name, args.alias)
+    version = _verified_version(store, args.name, previous)
+    code = _go_live(args, args.name, version, lambda: rollout.serve_version(version, _target(args)))
+    if code:
+        return code
+    store.promote(args.name, version, args.alias, reason="rollback")
     print(f"{args.name}: {args.alias} rolled back v{before} -> v{version}")
+    return 0
+
+
+def cmd_models_canary(args: argparse.Namespace) -> int:
+    from serve_app import rollout
+
+    store = _store(args)
+    version = _verified_version(store, args.name, args.ref)
+    code = _go_live(args, args.name, version, lambda: rollout.set_canary(version, args.weight, args.sticky_header, _target(args)))
+    if code == 0:
+        store.log_event(args.name, {"action": "canary", "version": version, "weight": args.weight, "sticky_header": args.sticky_header})
+        print(f"{args.name}: canary v{version} at weight {args.weight}" + (" (ended)" if args.weight == 0 else ""))
+    return code
+
+
+def cmd_models_shadow(args: argparse.Namespace) -> int:
+    from serve_app import rollout
+
+    store = _store(args)
+    version = None if args.off else _verified_version(store, args.name, args.ref)
+    code = _go_live(args, args.name, version or "", lambda: rollout.set_shadow(version, args.fraction, _target(args)))
+    if code == 0:
+        store.log_event(args.name, {"action": "shadow", "version": version, "fraction": args.fraction})
+        print(f"{args.name}: " + (f"shadow v{version} on {args.fraction:.0%} of traffic" if version else "shadow off"))
+    return code
+
+
+def cmd_models_status(args: argparse.Namespace) -> int:
+    from serve_app import ops, rollout
+
+    import httpx
+
+    details = ops.details(args.address)
+    base = rollout._http_base(details, _target(args))
+    replicas = rollout._running_replicas(details, args.app)
+    seen: dict[int, Any] = {}
+    with httpx.Client(timeout=5) as client:
+        for _ in range(max(10, 10 * replicas)):
+            status = client.get(f"{base}/admin/status").json()
+            seen[status["pid"]] = status
+            if len(seen) >= replicas:
+                break
+    print(json.dumps({"replicas_running": replicas, "replicas": list(seen.values())}, indent=2))
     return 0
 
 
@@ -102,6 +206,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     from serve_app.launcher import run
 
     return run(Path(args.config), fast_path=not args.no_fast_path)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from serve_app.bench import SERVERS, BenchOptions, run as bench
+
+    servers = tuple(s.strip() for s in args.servers.split(",") if s.strip())
+    unknown = [s for s in servers if s not in SERVERS]
+    if unknown:
+        raise ValueError(f"unknown server {unknown[0]!r} in --servers; choose from {', '.join(SERVERS)}")
+    report = bench(BenchOptions(
+        out=Path(args.out), quick=args.quick, duration_s=args.duration, config=Path(args.config),
+        servers=servers, generator=args.loadgen, soak_s=args.soak,
+    ))
+    failed = sum(r["errors"] + r["timeouts"] + r["non_2xx"] for r in report["results"])
+    return 1 if failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,16 +251,40 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("name")
     show.add_argument("ref", nargs="?", default=DEFAULT_ALIAS, help="version or alias (default: production)")
     show.set_defaults(func=cmd_models_show)
-    promote = with_store(sub.add_parser("promote", help="point an alias (default: production) at a version"))
+    def live(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--address", default=None, help="Ray dashboard of the running cluster (default: $RAY_DASHBOARD_ADDRESS or http://127.0.0.1:8265)")
+        p.add_argument("--app", default="serve_app", help="application name in the Serve config")
+        p.add_argument("--url", default=None, help="the app's HTTP base URL (default: from the cluster's http_options)")
+        p.add_argument("--store-only", action="store_true", help="change the store only; leave the running app alone")
+        return with_store(p)
+
+    promote = live(sub.add_parser("promote", help="verify a version, switch the running app to it live, point an alias at it"))
     promote.add_argument("name")
     promote.add_argument("ref", help="version number or alias")
     promote.add_argument("--alias", default=DEFAULT_ALIAS)
     promote.add_argument("--reason", default="")
     promote.set_defaults(func=cmd_models_promote)
-    rollback = with_store(sub.add_parser("rollback", help="point an alias back at its previous version"))
+    rollback = live(sub.add_parser("rollback", help="switch back to the version the alias named before"))
     rollback.add_argument("name")
     rollback.add_argument("--alias", default=DEFAULT_ALIAS)
     rollback.set_defaults(func=cmd_models_rollback)
+    canary = live(sub.add_parser("canary", help="send a share of traffic to a candidate version (weight 0 ends it)"))
+    canary.add_argument("name")
+    canary.add_argument("ref", help="candidate version number or alias")
+    canary.add_argument("--weight", type=float, required=True, help="share of requests for the candidate, 0..1 (e.g. 0.1)")
+    canary.add_argument("--sticky-header", default=None, help="request header that pins a caller to one side (e.g. x-user-id)")
+    canary.set_defaults(func=cmd_models_canary)
+    shadow = live(sub.add_parser("shadow", help="mirror traffic to a candidate, compare, never return its answers"))
+    shadow.add_argument("name")
+    shadow.add_argument("ref", nargs="?", default=None, help="candidate version number or alias")
+    shadow.add_argument("--fraction", type=float, default=1.0, help="share of requests mirrored (default 1.0)")
+    shadow.add_argument("--off", action="store_true", help="stop shadowing")
+    shadow.set_defaults(func=cmd_models_shadow)
+    status = sub.add_parser("status", help="what each running replica serves: versions, canary, shadow, traffic")
+    status.add_argument("--address", default=None)
+    status.add_argument("--app", default="serve_app")
+    status.add_argument("--url", default=None)
+    status.set_defaults(func=cmd_models_status)
     history = with_store(sub.add_parser("history", help="the append-only log of alias moves"))
     history.add_argument("name")
     history.set_defaults(func=cmd_models_history)
@@ -150,6 +293,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", default="configs/local.yaml")
     run.add_argument("--no-fast-path", action="store_true", help="use Ray's default proxy instead of HAProxy")
     run.set_defaults(func=cmd_run)
+
+    bench = commands.add_parser("bench", help="benchmark the local deployment against Flask and Starlette baselines")
+    bench.add_argument("--quick", action="store_true", help="a smoke run: 2 s per workload")
+    bench.add_argument("--out", default="bench-results", help="folder for results.md, results.json, bench.png")
+    bench.add_argument("--config", default="configs/local.yaml", help="the Serve config to benchmark")
+    bench.add_argument("--duration", type=float, default=None, help="seconds per workload (default 10, 2 with --quick)")
+    bench.add_argument("--servers", default="flask,starlette,serve_app", help="comma-separated subset to run")
+    bench.add_argument("--loadgen", default="auto", choices=("auto", "wrk", "python"), help="auto: wrk if installed")
+    bench.add_argument("--soak", type=float, default=0.0, help="seconds of a further c=32 run to watch memory growth")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -53,9 +53,17 @@ def datatype_of(array: np.ndarray) -> str:
     raise TypeError(f"no V2 datatype for numpy dtype {array.dtype}")
 
 
+def _to_builtin(value: Any) -> Any:
+    # orjson serialises numeric numpy arrays itself; string or object arrays (class labels
+    # such as "setosa") and numpy scalars come here.
+    if isinstance(value, (np.ndarray, np.generic)):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
 def dumps(payload: Any) -> bytes:
     """Strict JSON: NaN and infinities become null, numpy values serialise natively."""
-    return orjson.dumps(payload, option=JSON_OPTIONS)
+    return orjson.dumps(payload, default=_to_builtin, option=JSON_OPTIONS)
 
 
 def check_json_content_type(content_type: str | None) -> None:
@@ -120,6 +128,11 @@ def numeric_array(value: Any, where: str, body: bytes = b"") -> np.ndarray:
     try:
         array = np.asarray(value)
     except (ValueError, OverflowError):
+        depth = _depth(value)
+        if depth > 2:
+            raise InvalidInput(
+                f"{where} is nested {depth} levels deep; expected a row of numbers or a list of rows"
+            ) from None
         raise InvalidInput(
             f"{where}: rows have different lengths; every row needs the same number of features"
         ) from None
@@ -131,6 +144,17 @@ def numeric_array(value: Any, where: str, body: bytes = b"") -> np.ndarray:
         if array.dtype.kind not in "iuf":
             array = np.asarray(value, dtype=np.float64)
     return array
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists nest in `value` (iteratively: the JSON parser allows 1024 levels)."""
+    depth, level = 0, [value]
+    while True:
+        lists = [v for v in level if isinstance(v, list)]
+        if not lists:
+            return depth
+        depth += 1
+        level = [item for v in lists for item in v]
 
 
 def _json_type(value: Any) -> str:
@@ -248,9 +272,22 @@ def _v2_tensor(
         raise InvalidInput(
             f"{where}.data has {array.size} values but shape {list(shape)} needs {count}"
         )
-    if dtype.kind in "iu" and array.dtype.kind == "f":
-        raise InvalidInput(f"{where}.data has non-integer values for datatype {spec['datatype']}")
-    return array.reshape(shape), offset
+    if dtype.kind in "iu":
+        if array.dtype.kind == "f":
+            raise InvalidInput(f"{where}.data has non-integer values for datatype {spec['datatype']}")
+        limits = np.iinfo(dtype)
+        if array.size and (int(array.min()) < limits.min or int(array.max()) > limits.max):
+            raise InvalidInput(
+                f"{where}.data has values outside {limits.min}..{limits.max}, "
+                f"the range of datatype {spec['datatype']}"
+            )
+    # The declared datatype decides the values, as in the binary form: FP32 data is
+    # rounded to float32 here too, so JSON and binary requests predict the same.
+    with np.errstate(over="ignore"):
+        typed = array.astype(dtype, copy=False)
+    if dtype.itemsize < 8 and dtype.kind == "f" and not np.isfinite(typed).all():
+        raise InvalidInput(f"{where}.data has values too large for datatype {spec['datatype']}")
+    return typed.reshape(shape), offset
 
 
 def _requested_outputs(payload: Mapping[str, Any], binary_default: bool) -> tuple[RequestedOutput, ...] | None:
@@ -265,8 +302,19 @@ def _requested_outputs(payload: Mapping[str, Any], binary_default: bool) -> tupl
         if not isinstance(name, str):
             raise InvalidInput(f"outputs[{index}].name must be a string")
         parameters = output.get("parameters") or {}
-        binary = parameters.get("binary_data", binary_default) if isinstance(parameters, dict) else binary_default
-        requested.append(RequestedOutput(name, bool(binary)))
+        if not isinstance(parameters, dict):
+            raise InvalidInput(f'outputs[{index}].parameters must be an object such as {{"binary_data": true}}')
+        unknown = sorted(set(parameters) - {"binary_data"})
+        if unknown:
+            # e.g. Triton's "classification": answering without it would silently change the output.
+            raise InvalidInput(
+                f"outputs[{index}].parameters.{unknown[0]} is not supported; "
+                "the only output parameter is binary_data (true or false)"
+            )
+        binary = parameters.get("binary_data", binary_default)
+        if not isinstance(binary, bool):
+            raise InvalidInput(f"outputs[{index}].parameters.binary_data must be true or false, got {binary!r}")
+        requested.append(RequestedOutput(name, binary))
     return tuple(requested)
 
 
@@ -284,7 +332,9 @@ def decode_v2(body: bytes, header_length: str | None = None) -> V2Request:
     parameters = payload.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise InvalidInput("parameters must be an object")
-    binary_default = bool(parameters.get("binary_data_output", False))
+    binary_default = parameters.get("binary_data_output", False)
+    if not isinstance(binary_default, bool):
+        raise InvalidInput(f"parameters.binary_data_output must be true or false, got {binary_default!r}")
     rows, used = _v2_tensor(inputs[0], "inputs[0]", binary, 0, json_part)
     if used != len(binary):
         raise BadRequest(
@@ -363,5 +413,7 @@ def decode_v2_response(body: bytes, header_length: str | None) -> dict[str, np.n
             tensors[out["name"]] = np.frombuffer(binary[offset : offset + size], dtype=dtype).reshape(out["shape"])
             offset += size
         else:
-            tensors[out["name"]] = np.asarray(out["data"]).reshape(out["shape"])
+            # null (a NaN on the server) becomes NaN again in a float datatype.
+            dtype = V2_DATATYPES.get(out["datatype"])
+            tensors[out["name"]] = np.asarray(out["data"], dtype=dtype).reshape(out["shape"])
     return tensors

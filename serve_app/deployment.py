@@ -10,8 +10,11 @@ same batched path through a deployment handle:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import random
+import time
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -22,6 +25,7 @@ from serve_app.errors import ServeAppError
 from serve_app.predictor import PREDICT, PREDICT_PROBA, Predictor
 from serve_app.service import ModelService
 from serve_app.settings import AppSettings, RuntimeSettings
+from serve_app.traffic import TrafficLedger
 
 logger = logging.getLogger("ray.serve")
 
@@ -73,19 +77,20 @@ class ModelServer:
         self.settings = AppSettings.model_validate(settings)
         self.service = ModelService(self.settings)
         self.runtime = RuntimeSettings()
+        self.traffic = TrafficLedger()
         self.last_reconfigure_error: str | None = None
 
     def reconfigure(self, user_config: Mapping[str, Any]) -> None:
         runtime = RuntimeSettings.model_validate(user_config or {})
         try:
-            self.service.set_default(runtime.version)
+            self.service.configure(runtime)
         except ServeAppError as exc:
-            if self.service._default is None:
+            if self.service.routing is None:
                 raise  # nothing to fall back to: the replica must not start
-            # A bad version pushed to a running replica: keep serving the current one.
-            self.last_reconfigure_error = f"version {runtime.version!r} refused: {exc.message}"
-            logger.error("%s; still serving v%s", self.last_reconfigure_error, self.service.default.version)
-            runtime = runtime.model_copy(update={"version": self.runtime.version})
+            # A bad version pushed to a running replica: keep serving what it serves now.
+            self.last_reconfigure_error = f"user_config {runtime.model_dump(exclude_defaults=True)} refused: {exc.message}"
+            logger.error("%s; still serving %s", self.last_reconfigure_error, self.service.routing.describe())
+            runtime = runtime.model_copy(update={"version": self.runtime.version, "canary": self.runtime.canary, "shadow": self.runtime.shadow})
         else:
             self.last_reconfigure_error = None
         self._predict_batch.set_max_batch_size(runtime.max_batch_size)
@@ -116,18 +121,42 @@ class ModelServer:
         outputs: Sequence[str] = (PREDICT,),
         version: str | None = None,
         model: str | None = None,
+        route_key: str | None = None,
     ) -> InferenceResult:
-        """Validates `rows` and predicts them in a batch with other concurrent requests."""
-        predictor = self.service.predictor(version, model)
-        outputs = tuple(outputs)
-        predictor.check_outputs(outputs)
-        array = predictor.validate(rows)
-        item = _BatchItem(predictor, array, outputs)
-        if len(array) > self.runtime.max_batch_size:
-            result = _run_group(predictor, [item])[0]  # already a full batch on its own
-        else:
-            result = await self._predict_batch(item)
+        """Validates `rows` and predicts them in a batch with other concurrent requests.
+
+        With no `version`, the default answers, or the canary for its share of requests
+        (the same `route_key` always gets the same side).
+        """
+        predictor = self.service.predictor(version, model, route_key)
+        started = time.perf_counter()
+        try:
+            outputs = tuple(outputs)
+            predictor.check_outputs(outputs)
+            array = predictor.validate(rows)
+            item = _BatchItem(predictor, array, outputs)
+            if len(array) > self.runtime.max_batch_size:
+                result = _run_group(predictor, [item])[0]  # already a full batch on its own
+            else:
+                result = await self._predict_batch(item)
+        except ServeAppError:
+            self.traffic.failed(predictor.version)
+            raise
+        self.traffic.answered(predictor.version, len(array), time.perf_counter() - started)
+        routing = self.service.routing
+        if routing is not None and routing.shadow is not None and predictor is routing.default and PREDICT in result:
+            if random.random() < routing.shadow_fraction:
+                # After the answer is on its way: the shadow never delays or changes it.
+                asyncio.get_running_loop().call_soon(self._compare_shadow, routing.shadow, array, result[PREDICT])
         return InferenceResult(predictor.name, predictor.version, result)
+
+    def _compare_shadow(self, shadow: Predictor, rows: np.ndarray, served: np.ndarray) -> None:
+        try:
+            shadowed = shadow.predict(rows)
+        except Exception:
+            logger.exception("shadow v%s failed", shadow.version)
+            shadowed = None
+        self.traffic.compared(shadow.version, served, shadowed)
 
     async def predict(self, rows: Any, version: str | None = None) -> np.ndarray:
         return (await self.infer(rows, (PREDICT,), version)).outputs[PREDICT]
@@ -141,6 +170,8 @@ class ModelServer:
             "pid": os.getpid(),
             "model": self.service.name,
             "version": self.service.default.version,
+            "routing": self.service.routing.describe() if self.service.routing else None,
+            "traffic": self.traffic.as_dict(),
             "requested_version": self.runtime.version,
             "loaded_versions": self.service.loaded_versions(),
             "max_batch_size": self.runtime.max_batch_size,

@@ -37,6 +37,8 @@ class InferenceBackend(Protocol):
         self, rows: Any, outputs: Sequence[str] = ..., version: str | None = ..., model: str | None = ...
     ) -> Any: ...
 
+    def status(self) -> dict[str, Any]: ...
+
 
 def json_response(payload: Any, status_code: int = 200, headers: Mapping[str, str] | None = None) -> Response:
     return Response(codec.dumps(payload), status_code=status_code, media_type=JSON, headers=headers)
@@ -97,9 +99,15 @@ def build_http_app(backend: InferenceBackend) -> Starlette:
 
     # ---- the seed's contract -------------------------------------------------------
 
+    def route_key(request: Request) -> str | None:
+        """The canary's sticky key, if a canary with a sticky header is configured."""
+        routing = backend.service.routing
+        header = routing.sticky_header if routing is not None else None
+        return request.headers.get(header) if header else None
+
     async def predict(request: Request) -> Response:
         decoded = codec.decode_seed(await json_body(request))
-        result = await backend.infer(decoded.rows, (PREDICT,), request.headers.get(VERSION_HEADER))
+        result = await backend.infer(decoded.rows, (PREDICT,), request.headers.get(VERSION_HEADER), None, route_key(request))
         labels = result.outputs[PREDICT].tolist()
         payload: dict[str, Any] = {"prediction": labels[0]} if decoded.single else {"predictions": labels}
         payload["model"] = result.model
@@ -110,7 +118,7 @@ def build_http_app(backend: InferenceBackend) -> Starlette:
 
     async def v1_predict(request: Request) -> Response:
         rows = codec.decode_v1(await json_body(request))
-        result = await backend.infer(rows, (PREDICT,), None, request.path_params["name"])
+        result = await backend.infer(rows, (PREDICT,), None, request.path_params["name"], route_key(request))
         payload = {"predictions": result.outputs[PREDICT], "model_name": result.model, "model_version": result.version}
         return json_response(payload, headers=_answered_by(result.model, result.version))
 
@@ -131,7 +139,8 @@ def build_http_app(backend: InferenceBackend) -> Starlette:
         return json_response({"ready": True})
 
     def v2_predictor(request: Request) -> Predictor:
-        return backend.service.predictor(request.path_params.get("version"), request.path_params["name"])
+        version = request.path_params.get("version")
+        return backend.service.predictor(version, request.path_params["name"], None if version else route_key(request))
 
     async def v2_model_metadata(request: Request) -> Response:
         return json_response(v2_metadata(v2_predictor(request), backend.service.store.versions(backend.service.name)))
@@ -152,6 +161,7 @@ def build_http_app(backend: InferenceBackend) -> Starlette:
         if requested is None:  # the spec: no outputs named means all of them
             requested = tuple(codec.RequestedOutput(name, decoded.binary_default) for name in predictor.outputs)
         names = [output.name for output in requested]
+        # The version chosen above (canary split included) is the one that answers.
         result = await backend.infer(decoded.rows, names, predictor.version, predictor.name)
         head: dict[str, Any] = {"model_name": result.model, "model_version": result.version}
         if decoded.id is not None:
@@ -164,6 +174,9 @@ def build_http_app(backend: InferenceBackend) -> Starlette:
             return Response(body_out, media_type=JSON, headers=headers)
         headers[codec.BINARY_HEADER] = str(header_len)
         return Response(body_out, media_type=codec.BINARY_CONTENT_TYPE, headers=headers)
+
+    async def admin_status(request: Request) -> Response:
+        return json_response(backend.status())
 
     async def openapi(request: Request) -> Response:
         return json_response(openapi_document(backend.service.name))
@@ -189,6 +202,7 @@ def build_http_app(backend: InferenceBackend) -> Starlette:
         Route("/v2/models/{name}/versions/{version}", endpoint(v2_model_metadata), methods=["GET"]),
         Route("/v2/models/{name}/versions/{version}/ready", endpoint(v2_model_ready), methods=["GET"]),
         Route("/v2/models/{name}/versions/{version}/infer", endpoint(v2_infer), methods=["POST"]),
+        Route("/admin/status", endpoint(admin_status), methods=["GET"]),
         Route("/openapi.json", endpoint(openapi), methods=["GET"]),
     ]
     return Starlette(routes=routes, exception_handlers={HTTPException: not_found})

@@ -135,6 +135,7 @@ def openapi_document(model: str) -> dict[str, Any]:
             "/v2/models/{name}/versions/{version}": _with([NAME, VERSION], _get("Model version metadata", {"$ref": "#/components/schemas/V2Model"}, 404)),
             "/v2/models/{name}/versions/{version}/ready": _with([NAME, VERSION], _get("Model version readiness", ready, 404)),
             "/v2/models/{name}/versions/{version}/infer": _with([NAME, VERSION], infer),
+            "/admin/status": _get("What the replica that answers serves: versions, routing, traffic, batch settings", {"type": "object"}, 401),
             "/openapi.json": _get("This document", {"type": "object"}),
         },
         "components": {

@@ -42,6 +42,11 @@ class Predictor:
                 f"its manifest says {manifest.n_features}"
             )
         self._linear = model if type(model) is LogisticRegression else None
+        # Softmax of the scores is sklearn's predict_proba only for a multinomial model;
+        # before sklearn 1.8, multi_class="ovr" or the liblinear solver meant one-vs-rest.
+        self._softmax_proba = self._linear is not None and (
+            getattr(model, "multi_class", "auto") != "ovr" and getattr(model, "solver", "lbfgs") != "liblinear"
+        )
         self._canned_row = np.array(
             [[manifest.training_stats[f].mean if f in manifest.training_stats else 0.0 for f in manifest.feature_names]]
         )
@@ -137,7 +142,7 @@ class Predictor:
     def predict_proba(self, rows: np.ndarray) -> np.ndarray:
         if PREDICT_PROBA not in self.outputs:
             raise InvalidInput(f"{self.name} v{self.version} ({self.manifest.estimator}) has no predict_proba")
-        if self._linear is not None and len(self._linear.classes_) > 2:
+        if self._linear is not None and self._softmax_proba and len(self._linear.classes_) > 2:
             return softmax(rows @ self._linear.coef_.T + self._linear.intercept_, copy=False)
         with sklearn.config_context(assume_finite=True):
             return np.asarray(self.model.predict_proba(rows))

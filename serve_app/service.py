@@ -8,16 +8,46 @@ version first: if it cannot load, the old one keeps serving and the error says w
 from __future__ import annotations
 
 import logging
+import random
 import threading
+import zlib
 from collections import OrderedDict
+from dataclasses import dataclass, replace
 
 from serve_app.errors import NotFound
 from serve_app.predictor import Predictor
-from serve_app.settings import AppSettings
+from serve_app.settings import AppSettings, RuntimeSettings
 from serve_app.store import ModelStore
 
 logger = logging.getLogger("serve_app")
 MAX_LOADED_VERSIONS = 4
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Which loaded versions answer requests that name no version."""
+
+    default: Predictor
+    canary: Predictor | None = None
+    canary_weight: float = 0.0
+    sticky_header: str | None = None
+    shadow: Predictor | None = None
+    shadow_fraction: float = 0.0
+
+    def versions(self) -> list[str]:
+        return [p.version for p in (self.default, self.canary, self.shadow) if p is not None]
+
+    def by_version(self, version: str) -> Predictor:
+        return next(p for p in (self.default, self.canary, self.shadow) if p is not None and p.version == version)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "default": self.default.version,
+            "canary": {"version": self.canary.version, "weight": self.canary_weight, "sticky_header": self.sticky_header}
+            if self.canary
+            else None,
+            "shadow": {"version": self.shadow.version, "fraction": self.shadow_fraction} if self.shadow else None,
+        }
 
 
 class ModelService:
@@ -27,7 +57,7 @@ class ModelService:
         self.max_loaded = max_loaded
         self._loaded: OrderedDict[str, Predictor] = OrderedDict()
         self._lock = threading.Lock()
-        self._default: Predictor | None = None
+        self.routing: Routing | None = None
         self.default_ref: str | None = None
 
     @property
@@ -36,9 +66,9 @@ class ModelService:
 
     @property
     def default(self) -> Predictor:
-        if self._default is None:
+        if self.routing is None:
             raise NotFound(f"model {self.name!r} is not loaded yet")
-        return self._default
+        return self.routing.default
 
     def _load(self, version: str) -> Predictor:
         with self._lock:
@@ -58,25 +88,55 @@ class ModelService:
             self._loaded[version] = predictor
             while len(self._loaded) > self.max_loaded:
                 evicted, _ = self._loaded.popitem(last=False)
-                if self._default is not None and evicted == self._default.version:
-                    # Never evict the default; put it back at the recent end.
-                    self._loaded[evicted] = self._default
+                if self.routing is not None and evicted in self.routing.versions():
+                    # Never evict a version that takes traffic; put it back at the recent end.
+                    self._loaded[evicted] = self.routing.by_version(evicted)
         logger.info("loaded %s v%s from %s", self.name, version, self.store.root)
         return predictor
 
-    def set_default(self, ref: str) -> Predictor:
-        """Loads and checks `ref`, then makes it the version that answers by default."""
-        version = self.store.resolve(self.name, ref)
-        predictor = self._load(version)
-        self._default = predictor
-        self.default_ref = ref
-        return predictor
+    def configure(self, runtime: RuntimeSettings) -> Routing:
+        """Loads and checks every version `runtime` names, then switches to them at once.
 
-    def predictor(self, ref: str | None = None, model: str | None = None) -> Predictor:
-        """The predictor for a request: the default, or a named version or alias."""
+        If any of them cannot be loaded this raises and the current routing stays as it was.
+        """
+        default = self._load(self.store.resolve(self.name, runtime.version))
+        routing = Routing(default)
+        if runtime.canary is not None and runtime.canary.weight > 0:
+            canary = self._load(self.store.resolve(self.name, runtime.canary.version))
+            if canary is not default:
+                routing = replace(routing, canary=canary, canary_weight=runtime.canary.weight, sticky_header=runtime.canary.sticky_header)
+        if runtime.shadow is not None:
+            shadow = self._load(self.store.resolve(self.name, runtime.shadow.version))
+            if shadow is not default:
+                routing = replace(routing, shadow=shadow, shadow_fraction=runtime.shadow.fraction)
+        self.routing = routing  # one assignment: requests see the old routing or the new one
+        self.default_ref = runtime.version
+        return routing
+
+    def set_default(self, ref: str) -> Predictor:
+        """Serves `ref` alone (no canary, no shadow)."""
+        return self.configure(RuntimeSettings(version=ref)).default
+
+    def choose(self, route_key: str | None = None) -> Predictor:
+        """The version that answers a request that named none: the default or the canary."""
+        routing = self.routing
+        if routing is None:
+            raise NotFound(f"model {self.name!r} is not loaded yet")
+        if routing.canary is None:
+            return routing.default
+        if route_key is None:
+            draw = random.random()
+        else:  # the same key always lands on the same side of the split
+            draw = zlib.crc32(route_key.encode()) / 2**32
+        return routing.canary if draw < routing.canary_weight else routing.default
+
+    def predictor(self, ref: str | None = None, model: str | None = None, route_key: str | None = None) -> Predictor:
+        """The predictor for a request: default/canary routing, or a named version or alias."""
         if model is not None and model != self.name:
             raise NotFound(f"unknown model {model!r}; this server serves {self.name!r}")
-        if ref is None or ref == "" or ref == self.default_ref:
+        if ref is None or ref == "":
+            return self.choose(route_key)
+        if ref == self.default_ref:
             return self.default
         if ref.isdigit():
             loaded = self._loaded.get(str(int(ref)))  # no disk access for a loaded version

@@ -50,7 +50,7 @@ class AppSettings(BaseModel):
     @field_validator("model")
     @classmethod
     def _model_name(cls, value: str) -> str:
-        if not NAME_PATTERN.match(value):
+        if not NAME_PATTERN.fullmatch(value):
             raise ValueError(
                 f"model {value!r} is not a valid name: use lowercase letters, digits, '.', '_', '-'"
             )
@@ -62,6 +62,44 @@ class AppSettings(BaseModel):
         # Resolved here, in the process that reads the YAML, so replicas started
         # elsewhere with another working directory still find the same store.
         return str(Path(value).expanduser().resolve())
+
+
+def _version_text(value: object) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError(f"version must be a number or an alias such as 'production', got {value!r}")
+    return str(value)
+
+
+class CanarySettings(BaseModel):
+    """Send a share of the default traffic to a candidate version."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: str
+    """Version number or alias of the candidate."""
+
+    weight: float = Field(ge=0.0, le=1.0)
+    """Share of requests (0..1) that the candidate answers, e.g. 0.1 for 90/10."""
+
+    sticky_header: Optional[str] = None
+    """Request header (e.g. x-user-id) whose value pins a caller to one side of the split;
+    requests without it are split at random."""
+
+    _text = field_validator("version", mode="before")(_version_text)
+
+
+class ShadowSettings(BaseModel):
+    """Mirror a fraction of traffic to a candidate whose answers are compared, never returned."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: str
+    """Version number or alias of the shadow candidate."""
+
+    fraction: float = Field(default=1.0, gt=0.0, le=1.0)
+    """Share of requests mirrored to the shadow."""
+
+    _text = field_validator("version", mode="before")(_version_text)
 
 
 class RuntimeSettings(BaseModel):
@@ -79,9 +117,10 @@ class RuntimeSettings(BaseModel):
     """How long a batch waits for more requests once the first arrived. 0 takes whatever
     is queued right now: no added latency when idle, full batches under load."""
 
-    @field_validator("version", mode="before")
-    @classmethod
-    def _version(cls, value: object) -> str:
-        if isinstance(value, bool) or not isinstance(value, (str, int)):
-            raise ValueError(f"version must be a number or an alias such as 'production', got {value!r}")
-        return str(value)
+    canary: Optional[CanarySettings] = None
+    """Split traffic between `version` and a candidate by weight (applied live)."""
+
+    shadow: Optional[ShadowSettings] = None
+    """Mirror traffic to a candidate and record how often it agrees (applied live)."""
+
+    _text = field_validator("version", mode="before")(_version_text)

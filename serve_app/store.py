@@ -11,13 +11,16 @@ the highest complete version; other aliases are set with `promote`.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import getpass
 import json
 import os
 import re
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,6 +35,12 @@ LATEST = "latest"
 DEFAULT_ALIAS = "production"
 ALIASES_FILENAME = "aliases.json"
 HISTORY_FILENAME = "history.jsonl"
+LOCK_FILENAME = ".lock"
+
+
+def is_version(ref: str) -> bool:
+    """A version number: ASCII digits only ('²'.isdigit() is true, but int('²') fails)."""
+    return ref.isascii() and ref.isdigit()
 
 
 def _now() -> str:
@@ -59,6 +68,29 @@ class ModelStore:
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).expanduser().resolve()
+        self._locks_held = threading.local()
+
+    @contextlib.contextmanager
+    def alias_lock(self, name: str) -> Iterator[None]:
+        """Serialises alias changes of one model across threads and processes.
+
+        Without it two concurrent first saves both saw no `production` and both set it,
+        and two promotes could lose one another's alias (read-modify-write of aliases.json).
+        Re-entrant within a thread; a flock, so it also holds between processes.
+        """
+        held: set[str] = getattr(self._locks_held, "names", set())
+        self._locks_held.names = held
+        directory = self.model_dir(name)
+        if name in held or not directory.is_dir():  # nothing to lock: a later step raises NotFound
+            yield
+            return
+        with open(directory / LOCK_FILENAME, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
+            held.add(name)
+            try:
+                yield
+            finally:
+                held.discard(name)
 
     def __repr__(self) -> str:
         return f"ModelStore({str(self.root)!r})"
@@ -67,7 +99,7 @@ class ModelStore:
 
     @staticmethod
     def check_name(name: str) -> str:
-        if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
             raise StoreError(
                 f"invalid model name {name!r}: use 1-64 lowercase letters, digits, '.', '_' or '-', "
                 "starting with a letter or digit"
@@ -84,7 +116,7 @@ class ModelStore:
         return self._inside_root(self.root / self.check_name(name))
 
     def version_dir(self, name: str, version: str) -> Path:
-        if not str(version).isdigit():
+        if not is_version(str(version)):
             raise StoreError(f"invalid version {version!r}: versions are whole numbers")
         return self._inside_root(self.model_dir(name) / str(int(version)))
 
@@ -93,7 +125,7 @@ class ModelStore:
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and NAME_PATTERN.match(p.name))
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and NAME_PATTERN.fullmatch(p.name))
 
     def versions(self, name: str) -> list[str]:
         """Complete versions (those with a manifest), oldest first."""
@@ -103,7 +135,7 @@ class ModelStore:
         found = [
             p.name
             for p in directory.iterdir()
-            if p.name.isdigit() and (p / MANIFEST_FILENAME).is_file()
+            if is_version(p.name) and (p / MANIFEST_FILENAME).is_file()
         ]
         return sorted(found, key=int)
 
@@ -124,7 +156,7 @@ class ModelStore:
         if not versions:
             known = ", ".join(self.names()) or "none"
             raise NotFound(f"no model named {name!r} in {self.root} (models: {known})")
-        if ref.isdigit():
+        if is_version(ref):
             version = str(int(ref))
             if version not in versions:
                 raise NotFound(f"model {name!r} has no version {ref} (versions: {', '.join(versions)})")
@@ -182,7 +214,7 @@ class ModelStore:
     def _reserve_version(self, name: str) -> tuple[str, Path]:
         directory = self.model_dir(name)
         directory.mkdir(parents=True, exist_ok=True)
-        taken = [int(p.name) for p in directory.iterdir() if p.name.isdigit()]
+        taken = [int(p.name) for p in directory.iterdir() if is_version(p.name)]
         candidate = max(taken, default=0) + 1
         while True:
             path = directory / str(candidate)
@@ -226,37 +258,46 @@ class ModelStore:
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
             raise
-        if promote_first and DEFAULT_ALIAS not in self.aliases(name):
-            self.promote(name, version, DEFAULT_ALIAS, reason="first version")
+        if promote_first:
+            with self.alias_lock(name):
+                if DEFAULT_ALIAS not in self.aliases(name):
+                    self.promote(name, version, DEFAULT_ALIAS, reason="first version")
         return manifest
 
     def promote(self, name: str, ref: str | int, alias: str = DEFAULT_ALIAS, reason: str = "") -> str:
         """Points `alias` at the version `ref` names, and logs the move."""
-        if not ALIAS_PATTERN.match(alias) or alias == LATEST:
+        if not isinstance(alias, str) or not ALIAS_PATTERN.fullmatch(alias) or alias == LATEST:
             raise StoreError(
                 f"invalid alias {alias!r}: use lowercase letters, digits, '_' or '-' "
                 f"(and not {LATEST!r}, which always means the highest version)"
             )
         version = self.resolve(name, ref)
         self.manifest(name, version)  # refuse to point an alias at an unreadable version
-        aliases = {k: v for k, v in self.aliases(name).items() if k != LATEST}
-        previous = aliases.get(alias)
-        aliases[alias] = version
-        _write_json_atomically(self.model_dir(name) / ALIASES_FILENAME, aliases)
-        self._log(name, {"action": "promote", "alias": alias, "version": version, "previous": previous, "reason": reason})
+        with self.alias_lock(name):
+            aliases = {k: v for k, v in self.aliases(name).items() if k != LATEST}
+            previous = aliases.get(alias)
+            aliases[alias] = version
+            _write_json_atomically(self.model_dir(name) / ALIASES_FILENAME, aliases)
+            self.log_event(name, {"action": "promote", "alias": alias, "version": version, "previous": previous, "reason": reason})
         return version
 
-    def rollback(self, name: str, alias: str = DEFAULT_ALIAS) -> str:
-        """Points `alias` back at the version it named before its last move."""
+    def previous_version(self, name: str, alias: str = DEFAULT_ALIAS) -> str:
+        """The version `alias` named before its last move (what a rollback goes back to)."""
         moves = [e for e in self.history(name) if e.get("alias") == alias]
         current = self.aliases(name).get(alias)
         for entry in reversed(moves):
             previous = entry.get("previous")
             if entry.get("version") == current and previous and previous != current:
-                return self.promote(name, previous, alias, reason="rollback")
+                return str(previous)
         raise StoreError(f"alias {alias!r} of {name!r} has no earlier version to roll back to")
 
-    def _log(self, name: str, entry: dict[str, Any]) -> None:
+    def rollback(self, name: str, alias: str = DEFAULT_ALIAS) -> str:
+        """Points `alias` back at the version it named before its last move."""
+        with self.alias_lock(name):  # the previous version cannot change before it is promoted
+            return self.promote(name, self.previous_version(name, alias), alias, reason="rollback")
+
+    def log_event(self, name: str, entry: dict[str, Any]) -> None:
+        """Appends to the model's history.jsonl (who and when are added)."""
         line = json.dumps({"at": _now(), "by": _whoami(), **entry}, sort_keys=True)
         with open(self.model_dir(name) / HISTORY_FILENAME, "a") as handle:
             handle.write(line + "\n")
