@@ -209,3 +209,24 @@ def test_live_reconfigure_of_batching_without_restart(served: dict[str, Any]) ->
     finally:
         _redeploy(served, {})
         wait_for(lambda: {s["max_batch_size"] for s in _replica_statuses(served)} == {256}, what="defaults back")
+
+
+def test_standard_v2_client_in_default_binary_mode(served: dict[str, Any], expected: dict[str, np.ndarray]) -> None:
+    """Triton's own HTTP client, unmodified: binary tensors in and out (its default)."""
+    import tritonclient.http as triton
+
+    client = triton.InferenceServerClient(url=served["base_url"].removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("iris")
+    metadata = client.get_model_metadata("iris")
+    assert metadata["inputs"][0]["shape"] == [-1, 4]
+    rows = np.array(IRIS_ROWS, dtype=np.float32)
+    tensor = triton.InferInput("input-0", list(rows.shape), "FP32")
+    tensor.set_data_from_numpy(rows)  # binary_data=True by default
+    outputs = [triton.InferRequestedOutput("predict"), triton.InferRequestedOutput("predict_proba")]
+    result = client.infer("iris", [tensor], outputs=outputs)
+    model = Predictor.load(served["store"], "iris", "1").model
+    assert result.as_numpy("predict").tolist() == model.predict(rows.astype(np.float64)).tolist()
+    np.testing.assert_array_equal(result.as_numpy("predict_proba"), model.predict_proba(rows.astype(np.float64)))
+    versioned = client.infer("iris", [tensor], model_version="2", outputs=[triton.InferRequestedOutput("predict")])
+    assert versioned.get_response()["model_version"] == "2"
