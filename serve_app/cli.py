@@ -202,6 +202,21 @@ def cmd_models_history(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from serve_app.report import fetch, render_html, render_png
+
+    try:
+        summary = fetch(args.url, args.model, args.api_key)
+    except OSError as exc:
+        raise ValueError(f"cannot read {args.url.rstrip('/')}/v2/models/{args.model}/monitoring: {exc}") from None
+    if args.png:
+        Path(args.png).write_bytes(render_png(summary))
+        print(f"wrote {args.png}")
+    Path(args.out).write_text(render_html(summary, args.url))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from serve_app.launcher import run
 
@@ -221,6 +236,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     ))
     failed = sum(r["errors"] + r["timeouts"] + r["non_2xx"] for r in report["results"])
     return 1 if failed else 0
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from serve_app.batch import run_batch
+
+    result = run_batch(
+        args.model, args.input, args.output, store=args.store, errors_output=args.errors,
+        chunk_bytes=args.chunk_mb * 1024 * 1024, overwrite=args.overwrite, progress=not args.no_progress,
+        address=args.address,
+    )
+    print(
+        f"{result.model} v{result.version}: {result.rows} rows in {result.seconds:.1f}s "
+        f"({result.rows_per_s:,.0f} rows/s): {result.predicted} predictions -> {result.output}, "
+        f"{result.errors} bad rows -> {result.errors_output}"
+    )
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -294,6 +325,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-fast-path", action="store_true", help="use Ray's default proxy instead of HAProxy")
     run.set_defaults(func=cmd_run)
 
+    report = commands.add_parser("report", help="render a running app's monitoring (traffic, latency, classes, drift, accuracy) as HTML")
+    report.add_argument("--url", default="http://127.0.0.1:8000", help="the app's base URL")
+    report.add_argument("--model", default="iris")
+    report.add_argument("--out", default="report.html", help="the HTML page (plots embedded)")
+    report.add_argument("--png", default=None, help="also write the plots as a PNG here")
+    report.add_argument("--api-key", default=None, help="if the app requires one (args.api_key)")
+    report.set_defaults(func=cmd_report)
+
     bench = commands.add_parser("bench", help="benchmark the local deployment against Flask and Starlette baselines")
     bench.add_argument("--quick", action="store_true", help="a smoke run: 2 s per workload")
     bench.add_argument("--out", default="bench-results", help="folder for results.md, results.json, bench.png")
@@ -303,6 +342,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--loadgen", default="auto", choices=("auto", "wrk", "python"), help="auto: wrk if installed")
     bench.add_argument("--soak", type=float, default=0.0, help="seconds of a further c=32 run to watch memory growth")
     bench.set_defaults(func=cmd_bench)
+
+    batch = with_store(commands.add_parser("batch", help="predict a CSV or Parquet file offline on Ray Data"))
+    batch.add_argument("--model", default=DEFAULT_MODEL_NAME, help="NAME[:VERSION or alias] (default: iris, i.e. iris:production)")
+    batch.add_argument("--input", required=True, help="a .csv (header optional) or .parquet file, or a directory of Parquet files")
+    batch.add_argument("--output", required=True, help="Parquet dataset directory to write: row, prediction")
+    batch.add_argument("--errors", default=None, help="where bad rows go with their reason (default: OUTPUT.errors)")
+    batch.add_argument("--chunk-mb", type=int, default=16, help="CSV bytes per task (memory per task is a few times this)")
+    batch.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    batch.add_argument("--no-progress", action="store_true", help="no progress bar")
+    batch.add_argument("--address", default=None, help="a running cluster (e.g. auto, or ray://...); default: $RAY_ADDRESS, else a local Ray")
+    batch.set_defaults(func=cmd_batch)
     return parser
 
 

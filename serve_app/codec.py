@@ -182,7 +182,9 @@ def decode_v1(body: bytes) -> np.ndarray:
     expected = '{"instances": [[5.1, 3.5, 1.4, 0.2]]}'
     payload = _require_object(loads(body), expected)
     key = "instances" if "instances" in payload else "inputs"
-    return numeric_array(_require_key(payload, key, expected), key, body)
+    if key not in payload:
+        raise InvalidInput(f"missing key 'instances' (or 'inputs'); expected {expected}")
+    return numeric_array(payload[key], key, body)
 
 
 @dataclass(frozen=True)
@@ -273,9 +275,22 @@ def _v2_tensor(
             f"{where}.data has {array.size} values but shape {list(shape)} needs {count}"
         )
     if dtype.kind in "iu":
-        if array.dtype.kind == "f":
-            raise InvalidInput(f"{where}.data has non-integer values for datatype {spec['datatype']}")
         limits = np.iinfo(dtype)
+        if array.dtype.kind == "f":
+            if _has_float(spec["data"]):
+                # (the JSON parser also reads integers beyond 64 bits as floats)
+                raise InvalidInput(
+                    f"{where}.data has non-integer values (or integers beyond 64 bits) "
+                    f"for datatype {spec['datatype']}"
+                )
+            # Only integers, but numpy made floats of them: some are beyond int64 (UINT64 values).
+            try:
+                array = np.array(spec["data"], dtype=dtype)
+            except OverflowError:
+                raise InvalidInput(
+                    f"{where}.data has values outside {limits.min}..{limits.max}, "
+                    f"the range of datatype {spec['datatype']}"
+                ) from None
         if array.size and (int(array.min()) < limits.min or int(array.max()) > limits.max):
             raise InvalidInput(
                 f"{where}.data has values outside {limits.min}..{limits.max}, "
@@ -288,6 +303,10 @@ def _v2_tensor(
     if dtype.itemsize < 8 and dtype.kind == "f" and not np.isfinite(typed).all():
         raise InvalidInput(f"{where}.data has values too large for datatype {spec['datatype']}")
     return typed.reshape(shape), offset
+
+
+def _has_float(value: Any) -> bool:
+    return isinstance(value, float) or (isinstance(value, list) and any(_has_float(v) for v in value))
 
 
 def _requested_outputs(payload: Mapping[str, Any], binary_default: bool) -> tuple[RequestedOutput, ...] | None:

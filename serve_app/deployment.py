@@ -16,12 +16,14 @@ import os
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, AsyncIterator, Mapping, Sequence
 
 import numpy as np
 from ray import serve
 
 from serve_app.errors import ServeAppError
+from serve_app.microbatch import MicroBatcher
+from serve_app.monitoring import replica_monitor
 from serve_app.predictor import PREDICT, PREDICT_PROBA, Predictor
 from serve_app.service import ModelService
 from serve_app.settings import AppSettings, RuntimeSettings
@@ -42,6 +44,10 @@ class _BatchItem:
     predictor: Predictor
     rows: np.ndarray
     outputs: tuple[str, ...]
+
+
+def _item_rows(item: _BatchItem) -> int:
+    return len(item.rows)
 
 
 def _rows_in(items: Sequence[_BatchItem]) -> int:
@@ -79,6 +85,12 @@ class ModelServer:
         self.runtime = RuntimeSettings()
         self.traffic = TrafficLedger()
         self.last_reconfigure_error: str | None = None
+        self.monitor = replica_monitor(self.settings)  # None when args.monitoring.enabled is false
+        # Not @serve.batch: that cost 300-900 µs a request here (see serve_app/microbatch.py).
+        self._batcher: MicroBatcher[_BatchItem] = MicroBatcher(
+            self._predict_batch, _item_rows,
+            max_rows=self.runtime.max_batch_size, wait_s=self.runtime.batch_wait_timeout_s,
+        )
 
     def reconfigure(self, user_config: Mapping[str, Any]) -> None:
         runtime = RuntimeSettings.model_validate(user_config or {})
@@ -93,26 +105,32 @@ class ModelServer:
             runtime = runtime.model_copy(update={"version": self.runtime.version, "canary": self.runtime.canary, "shadow": self.runtime.shadow})
         else:
             self.last_reconfigure_error = None
-        self._predict_batch.set_max_batch_size(runtime.max_batch_size)
-        self._predict_batch.set_batch_wait_timeout_s(runtime.batch_wait_timeout_s)
+        self._batcher.configure(max_rows=runtime.max_batch_size, wait_s=runtime.batch_wait_timeout_s)
         self.runtime = runtime
 
     def check_health(self) -> None:
         self.service.default.check_health()
 
-    @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.0, batch_size_fn=_rows_in)
-    async def _predict_batch(self, items: list[_BatchItem]) -> list[dict[str, np.ndarray]]:
+    def _predict_batch(self, items: Sequence[_BatchItem]) -> list[dict[str, np.ndarray]]:
         first = items[0].predictor
         if all(item.predictor is first for item in items):
-            return _run_group(first, items)
+            return self._run_timed(first, items)
         results: list[dict[str, np.ndarray]] = [{} for _ in items]
         by_predictor: dict[int, list[int]] = {}
         for index, item in enumerate(items):
             by_predictor.setdefault(id(item.predictor), []).append(index)
         for indices in by_predictor.values():
             group = [items[i] for i in indices]
-            for index, result in zip(indices, _run_group(group[0].predictor, group)):
+            for index, result in zip(indices, self._run_timed(group[0].predictor, group)):
                 results[index] = result
+        return results
+
+    def _run_timed(self, predictor: Predictor, items: Sequence[_BatchItem]) -> list[dict[str, np.ndarray]]:
+        if self.monitor is None:
+            return _run_group(predictor, items)
+        started = time.perf_counter()
+        results = _run_group(predictor, items)
+        self.monitor.observe_batch(predictor, _rows_in(items), time.perf_counter() - started)
         return results
 
     async def infer(
@@ -136,13 +154,15 @@ class ModelServer:
             array = predictor.validate(rows)
             item = _BatchItem(predictor, array, outputs)
             if len(array) > self.runtime.max_batch_size:
-                result = _run_group(predictor, [item])[0]  # already a full batch on its own
+                result = self._run_timed(predictor, [item])[0]  # already a full batch on its own
             else:
-                result = await self._predict_batch(item)
+                result = await self._batcher.submit(item)
         except ServeAppError:
             self.traffic.failed(predictor.version)
             raise
         self.traffic.answered(predictor.version, len(array), time.perf_counter() - started)
+        if self.monitor is not None:
+            self.monitor.observe(predictor, array, result, time.perf_counter() - started)
         routing = self.service.routing
         if routing is not None and routing.shadow is not None and predictor is routing.default and PREDICT in result:
             if random.random() < routing.shadow_fraction:
@@ -164,6 +184,16 @@ class ModelServer:
     async def predict_proba(self, rows: Any, version: str | None = None) -> np.ndarray:
         return (await self.infer(rows, (PREDICT_PROBA,), version)).outputs[PREDICT_PROBA]
 
+    async def predict_stream(
+        self, rows: Any, chunk_rows: int = 1024, version: str | None = None
+    ) -> AsyncIterator[np.ndarray]:
+        """Predictions for many rows, chunk by chunk as they are computed, for
+        `handle.options(stream=True).predict_stream.remote(rows)`; for an input that is
+        itself a stream, see `serve_app.streaming.predict_iter`."""
+        array = np.asarray(rows)
+        for start in range(0, len(array), chunk_rows):
+            yield await self.predict(array[start : start + chunk_rows], version)
+
     def status(self) -> dict[str, Any]:
         """What this replica serves right now (for operators and tests)."""
         return {
@@ -177,7 +207,15 @@ class ModelServer:
             "max_batch_size": self.runtime.max_batch_size,
             "batch_wait_timeout_s": self.runtime.batch_wait_timeout_s,
             "last_reconfigure_error": self.last_reconfigure_error,
+            "monitor": self.monitor.stats() if self.monitor is not None else None,
         }
+
+    def __del__(self) -> None:
+        # Ray Serve calls this on graceful shutdown, after in-flight requests are done:
+        # write the rest of the prediction log and send the hub the last report.
+        monitor = getattr(self, "monitor", None)
+        if monitor is not None:
+            monitor.close()
 
     def __serve_build_asgi_app__(self) -> Any:
         from serve_app.http import build_http_app

@@ -17,10 +17,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from serve_app import codec
+from serve_app import auth, codec
 from serve_app.errors import NotFound, PayloadTooLarge, ServeAppError
+from serve_app.monitoring.routes import monitoring_routes, observe_routes
 from serve_app.openapi import openapi_document
 from serve_app.predictor import PREDICT, Predictor
+from serve_app.streaming import stream_route
 
 logger = logging.getLogger("ray.serve")
 JSON = "application/json"
@@ -45,7 +47,7 @@ def json_response(payload: Any, status_code: int = 200, headers: Mapping[str, st
 
 
 def error_response(exc: ServeAppError) -> Response:
-    return json_response({"error": exc.message}, exc.status_code)
+    return json_response({"error": exc.message}, exc.status_code, getattr(exc, "headers", None))
 
 
 def _answered_by(model: str, version: str) -> dict[str, str]:
@@ -54,9 +56,9 @@ def _answered_by(model: str, version: str) -> dict[str, str]:
 
 async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit} bytes")
-    if declared is not None and declared.isdigit():
+    if declared is not None and declared.isascii() and declared.isdigit():
         body = await request.body()
     else:  # chunked: stop reading as soon as the limit is passed
         chunks, size = [], 0
@@ -74,11 +76,16 @@ async def read_body(request: Request, limit: int) -> bytes:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def endpoint(handler: Handler) -> Handler:
-    """Turns any error into a JSON answer; a bug is logged and answered with a plain 500."""
+def endpoint(handler: Handler, guard: auth.Guard | None = None) -> Handler:
+    """Turns any error into a JSON answer; a bug is logged and answered with a plain 500.
+
+    `guard` (the API key check, when one is configured) runs before the handler.
+    """
 
     async def wrapped(request: Request) -> Response:
         try:
+            if guard is not None:
+                guard(request)
             return await handler(request)
         except ServeAppError as exc:
             return error_response(exc)
@@ -92,6 +99,11 @@ def endpoint(handler: Handler) -> Handler:
 def build_http_app(backend: InferenceBackend) -> Starlette:
     settings = backend.settings
     limit = settings.max_body_bytes
+    guard = auth.guard_for(settings)  # None unless args name an API key
+
+    def private(handler: Handler) -> Handler:
+        """Routes that predict or show model details or admin data: the API key applies."""
+        return endpoint(handler, guard)
 
     async def json_body(request: Request) -> bytes:
         codec.check_json_content_type(request.headers.get("content-type"))
@@ -190,21 +202,24 @@ def build_http_app(backend: InferenceBackend) -> Starlette:
         )
 
     routes = [
-        Route("/predict", endpoint(predict), methods=["POST"]),
-        Route("/v1/models/{name}:predict", endpoint(v1_predict), methods=["POST"]),
+        Route("/predict", private(predict), methods=["POST"]),
+        Route("/predict/stream", private(stream_route(backend)), methods=["POST"]),  # serve_app/streaming.py
+        Route("/v1/models/{name}:predict", private(v1_predict), methods=["POST"]),
         Route("/v1/models/{name}", endpoint(v1_model), methods=["GET"]),
         Route("/v2", endpoint(v2_server_metadata), methods=["GET"]),
         Route("/v2/health/live", endpoint(v2_live), methods=["GET"]),
         Route("/v2/health/ready", endpoint(v2_ready), methods=["GET"]),
-        Route("/v2/models/{name}", endpoint(v2_model_metadata), methods=["GET"]),
+        Route("/v2/models/{name}", private(v2_model_metadata), methods=["GET"]),
         Route("/v2/models/{name}/ready", endpoint(v2_model_ready), methods=["GET"]),
-        Route("/v2/models/{name}/infer", endpoint(v2_infer), methods=["POST"]),
-        Route("/v2/models/{name}/versions/{version}", endpoint(v2_model_metadata), methods=["GET"]),
+        Route("/v2/models/{name}/infer", private(v2_infer), methods=["POST"]),
+        Route("/v2/models/{name}/versions/{version}", private(v2_model_metadata), methods=["GET"]),
         Route("/v2/models/{name}/versions/{version}/ready", endpoint(v2_model_ready), methods=["GET"]),
-        Route("/v2/models/{name}/versions/{version}/infer", endpoint(v2_infer), methods=["POST"]),
-        Route("/admin/status", endpoint(admin_status), methods=["GET"]),
+        Route("/v2/models/{name}/versions/{version}/infer", private(v2_infer), methods=["POST"]),
+        Route("/admin/status", private(admin_status), methods=["GET"]),
         Route("/openapi.json", endpoint(openapi), methods=["GET"]),
     ]
+    routes += monitoring_routes(backend, private, json_body)  # /feedback, drift, accuracy, /dashboard
+    routes = observe_routes(routes, backend)  # every answer counted and timed, whatever its status
     return Starlette(routes=routes, exception_handlers={HTTPException: not_found})
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from serve_app.monitoring.routes import openapi_paths as monitoring_openapi_paths
+
 NUMBER_ROWS = {"type": "array", "minItems": 1, "items": {"type": "array", "minItems": 1, "items": {"type": "number"}}}
 LABEL = {"oneOf": [{"type": "number"}, {"type": "string"}]}
 ERROR = {
@@ -26,9 +28,14 @@ def _errors(*statuses: int) -> dict[str, Any]:
         413: "Body or row count over the limit.",
         415: "Content-Type is not JSON.",
         422: "Valid JSON, but not a valid request for this model.",
-        503: "Over capacity; retry later.",
+        503: "Over capacity (max_queued_requests reached): retry after the Retry-After header's seconds.",
     }
-    return {str(s): {"description": text[s], "content": _json({"$ref": "#/components/schemas/Error"})} for s in statuses}
+    # Ray Serve itself sheds load before the request reaches our app: its 503 is plain text.
+    shed = {"text/plain": {"schema": {"type": "string"}}}
+    return {
+        str(s): {"description": text[s], "content": shed if s == 503 else _json({"$ref": "#/components/schemas/Error"})}
+        for s in statuses
+    }
 
 
 def _get(summary: str, schema: dict[str, Any], *errors: int) -> dict[str, Any]:
@@ -137,6 +144,7 @@ def openapi_document(model: str) -> dict[str, Any]:
             "/v2/models/{name}/versions/{version}/infer": _with([NAME, VERSION], infer),
             "/admin/status": _get("What the replica that answers serves: versions, routing, traffic, batch settings", {"type": "object"}, 401),
             "/openapi.json": _get("This document", {"type": "object"}),
+            **monitoring_openapi_paths(),
         },
         "components": {
             "schemas": {

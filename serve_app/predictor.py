@@ -132,7 +132,10 @@ class Predictor:
 
     def predict(self, rows: np.ndarray) -> np.ndarray:
         if self._linear is not None:
-            scores = rows @ self._linear.coef_.T + self._linear.intercept_
+            # Finite but huge features (1e308) overflow the scores to inf/nan, as they do in
+            # sklearn: the same answer, without a RuntimeWarning in the replica log.
+            with np.errstate(over="ignore", invalid="ignore"):
+                scores = rows @ self._linear.coef_.T + self._linear.intercept_
             if scores.shape[1] == 1:
                 return self._linear.classes_.take((scores.ravel() > 0).astype(np.intp))
             return self._linear.classes_.take(scores.argmax(axis=1))
@@ -143,7 +146,8 @@ class Predictor:
         if PREDICT_PROBA not in self.outputs:
             raise InvalidInput(f"{self.name} v{self.version} ({self.manifest.estimator}) has no predict_proba")
         if self._linear is not None and self._softmax_proba and len(self._linear.classes_) > 2:
-            return softmax(rows @ self._linear.coef_.T + self._linear.intercept_, copy=False)
+            with np.errstate(over="ignore", invalid="ignore"):
+                return softmax(rows @ self._linear.coef_.T + self._linear.intercept_, copy=False)
         with sklearn.config_context(assume_finite=True):
             return np.asarray(self.model.predict_proba(rows))
 

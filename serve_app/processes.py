@@ -20,6 +20,13 @@ Process = tuple[int, int]  # (pid, start time in clock ticks): unique for the ma
 FAST_PATH_ENV = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    # With HAProxy, each stopping replica stays reachable this long before it drains, so an
+    # external load balancer can deregister it. Ray's default of 30 s made every replica
+    # stop (redeploy, scale-down, shutdown) take ~35 s and serve.shutdown() give up at 30 s
+    # ("Controller failed to shut down within 30.0s"). Ray's own HAProxy is reconfigured by
+    # the controller within about a second and retries refused connections elsewhere, so a
+    # few seconds is enough. Raise it if an external load balancer points at replicas.
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
 }
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from serve_app.errors import NotFound
 from serve_app.predictor import Predictor
 from serve_app.settings import AppSettings, RuntimeSettings
-from serve_app.store import ModelStore
+from serve_app.store import ModelStore, is_version
 
 logger = logging.getLogger("serve_app")
 MAX_LOADED_VERSIONS = 4
@@ -138,7 +138,7 @@ class ModelService:
             return self.choose(route_key)
         if ref == self.default_ref:
             return self.default
-        if ref.isdigit():
+        if is_version(ref):
             loaded = self._loaded.get(str(int(ref)))  # no disk access for a loaded version
             if loaded is not None:
                 return loaded

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serve_app.predictor import DEFAULT_MAX_ROWS
 from serve_app.store import DEFAULT_ALIAS, NAME_PATTERN
@@ -25,6 +25,71 @@ def default_store() -> str:
     return os.environ.get(STORE_ENV) or DEFAULT_STORE
 
 
+class MonitoringSettings(BaseModel):
+    """`args.monitoring`: metrics, prediction log, drift and live accuracy (serve_app/monitoring/)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    """Off: the replica records nothing per request and /feedback, /drift answer 404."""
+
+    log_dir: Optional[str] = None
+    """Directory of the prediction log (JSON lines, one file per replica, rotated by size).
+    Unset: no log. Relative paths are resolved where the YAML is read, like `store`."""
+
+    log_sample_rate: float = Field(default=1.0, ge=0.0, le=1.0)
+    """Share of requests written to the prediction log (decided once per request)."""
+
+    log_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    """A log file that would grow past this is rotated to `.1.jsonl`."""
+
+    log_backups: int = Field(default=5, ge=0, le=1000)
+    """Rotated files kept per replica; older ones are deleted."""
+
+    queue_size: int = Field(default=20_000, ge=100)
+    """Requests waiting for the monitor thread; past this they are dropped and counted
+    (metric serve_app_monitor_dropped{reason="queue_full"}), so memory stays bounded."""
+
+    flush_interval_s: float = Field(default=0.5, gt=0.0, le=60.0)
+    """How often the monitor thread writes the log, records metrics and reports to the hub."""
+
+    drift_window: int = Field(default=1000, ge=10, le=1_000_000)
+    """Most recent input rows each replica keeps per model version for drift scores."""
+
+    drift_min_rows: int = Field(default=500, ge=1)
+    """Fewer rows (over all replicas) than this: status `insufficient_data`, not a verdict
+    (PSI on 10 bins is noisy below a few hundred rows)."""
+
+    psi_warning: float = Field(default=0.1, gt=0.0)
+    """PSI at or above this: `warning` (0.1 is the usual "moderate shift")."""
+
+    psi_drift: float = Field(default=0.25, gt=0.0)
+    """PSI at or above this: `drift` (0.25 is the usual "significant shift")."""
+
+    ks_warning: float = Field(default=0.15, gt=0.0, le=1.0)
+    """Kolmogorov-Smirnov statistic at or above this: `warning`."""
+
+    ks_drift: float = Field(default=0.3, gt=0.0, le=1.0)
+    """Kolmogorov-Smirnov statistic at or above this: `drift`."""
+
+    accuracy_window: int = Field(default=1000, ge=1)
+    """Live accuracy is over this many most recent labelled rows, per model version."""
+
+    feedback_capacity: int = Field(default=100_000, ge=100)
+    """Predictions kept (over all replicas) for joining with /feedback; older ones are forgotten."""
+
+    @field_validator("log_dir")
+    @classmethod
+    def _log_dir(cls, value: Optional[str]) -> Optional[str]:
+        return None if value is None else str(Path(value).expanduser().resolve())
+
+    @model_validator(mode="after")
+    def _ordered_thresholds(self) -> "MonitoringSettings":
+        if self.psi_warning > self.psi_drift or self.ks_warning > self.ks_drift:
+            raise ValueError("warning thresholds must not be above drift thresholds (psi_warning <= psi_drift, ks_warning <= ks_drift)")
+        return self
+
+
 class AppSettings(BaseModel):
     """The `args` of the application in a Ray Serve config."""
 
@@ -33,7 +98,7 @@ class AppSettings(BaseModel):
     model: str = "iris"
     """Name of the model in the store."""
 
-    store: str = Field(default_factory=default_store)
+    store: str = Field(default_factory=default_store, validate_default=True)  # a default is made absolute too
     """Model store directory: a path every node can read (a shared mount on a cluster).
     Defaults to $SERVE_APP_STORE, else ./models. Relative paths are relative to the
     directory `serve run`/`serve deploy` was started in."""
@@ -46,6 +111,18 @@ class AppSettings(BaseModel):
 
     expected_features: Optional[int] = Field(default=None, gt=0)
     """If set, a model version with another feature count is refused at load time."""
+
+    api_key_env: Optional[str] = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    """If set, predict, model-metadata and admin routes need `Authorization: Bearer <key>`,
+    the key being this environment variable of the replicas (e.g. set through the app's
+    runtime_env.env_vars). Probes and /openapi.json stay open. See serve_app/auth.py."""
+
+    api_key_file: Optional[str] = None
+    """Like api_key_env, the key read from this file instead (a mounted secret). Set one
+    of the two, not both; a key that is missing or under 16 characters stops the replica."""
+
+    monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
+    """Metrics, prediction log, drift and live accuracy (see MonitoringSettings)."""
 
     @field_validator("model")
     @classmethod
@@ -62,6 +139,17 @@ class AppSettings(BaseModel):
         # Resolved here, in the process that reads the YAML, so replicas started
         # elsewhere with another working directory still find the same store.
         return str(Path(value).expanduser().resolve())
+
+    @field_validator("api_key_file")
+    @classmethod
+    def _key_file_path(cls, value: Optional[str]) -> Optional[str]:
+        return str(Path(value).expanduser().resolve()) if value else None  # as `store`
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> "AppSettings":
+        if self.api_key_env and self.api_key_file:
+            raise ValueError("set api_key_env or api_key_file, not both")
+        return self
 
 
 def _version_text(value: object) -> str:

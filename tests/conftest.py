@@ -8,6 +8,12 @@ by pid, HAProxy included.
 from __future__ import annotations
 
 import os
+
+# One BLAS thread per process: tests, Ray workers and replicas share 2 cores, and idle
+# BLAS threads spinning on contended cores cost several times the work itself.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import tempfile
 import time
 from pathlib import Path

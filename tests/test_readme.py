@@ -23,7 +23,6 @@ import pytest
 
 from serve_app import processes
 
-from .conftest import wait_for
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +56,9 @@ def commands_with_answers(block: str) -> list[tuple[str, str | None]]:
 
 
 def copy_of_repo(destination: Path) -> Path:
-    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    # What a clone would hold: tracked files plus new ones not ignored (.venv, models/ are ignored).
+    listing = ["git", "ls-files", "--cached", "--others", "--exclude-standard"]
+    tracked = subprocess.run(listing, cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     for name in tracked:
         source = ROOT / name
         if source.is_file():
@@ -79,17 +80,24 @@ class MakeRun:
         assert processes.port_is_free(PORT), f"port {PORT} is in use: stop what holds it before running this test"
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_HAPROXY")}
         self.proc = subprocess.Popen(
-            ["make", "run"], cwd=self.repo, env=env, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, start_new_session=True
+            # -o: the copy shares this checkout's .venv, which must keep pointing here.
+            ["make", "-o", ".venv/.installed", "run"], cwd=self.repo, env=env, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, start_new_session=True
         )
 
-        def answers() -> bool:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
             self.seen |= processes.descendants(self.proc.pid)
-            assert self.proc.poll() is None, f"make run exited early:\n{self.log.read_text()[-3000:]}"
-            return httpx.post(f"http://127.0.0.1:{PORT}/predict", json={"features": [5.1, 3.5, 1.4, 0.2]}, timeout=5).status_code == 200
-
-        wait_for(answers, timeout_s=240, interval_s=1, what="make run to serve")
-        self.seen |= processes.descendants(self.proc.pid)
-        return self
+            if self.proc.poll() is not None:
+                raise AssertionError(f"make run exited early:\n{self.log.read_text()[-3000:]}")
+            try:
+                reply = httpx.post(f"http://127.0.0.1:{PORT}/predict", json={"features": [5.1, 3.5, 1.4, 0.2]}, timeout=5)
+                if reply.status_code == 200:
+                    self.seen |= processes.descendants(self.proc.pid)
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise AssertionError(f"make run did not serve within 240 s:\n{self.log.read_text()[-3000:]}")
 
     def ray_address(self) -> str:
         """The GCS address of this run's Ray, from its gcs_server's command line."""

@@ -1,0 +1,797 @@
+"""`serve-app bench` (`make bench`): serve_app against the servers it replaces, in one run.
+
+One run trains a model into a temporary store and serves that same model file from:
+
+- `flask`: the seed's Flask app on Flask's own server (benchmarks/flask_app.py);
+- `starlette`: a hand-written one-worker uvicorn + Starlette app (benchmarks/starlette_app.py);
+- `serve_app`: configs/local.yaml (port and store changed) on a fresh local Ray started by
+  `ray start --block` with the fast path of `make run` (HAProxy ingress, throughput mode).
+
+Each server is measured alone on the machine (baselines first, then Ray is started) with
+the same client and payloads: one row at 1/32/128 connections, 256-row JSON requests, V2
+binary 4,096-row requests (serve_app only) and Ray handle calls from a driver attached to
+the bench's Ray. The table (Markdown and JSON) and a PNG plot go to `--out`. Everything
+the bench starts is ended by pid, HAProxy included, and every port is a free one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import orjson
+
+from serve_app import codec, processes
+from serve_app.loadgen import LoadResult, run_load, wrk_path
+
+REPO = Path(__file__).resolve().parent.parent
+BENCHMARKS = REPO / "benchmarks"
+SERVERS = ("flask", "starlette", "serve_app")
+APP_NAME = "serve_app"
+START_TIMEOUT_S = 300.0  # Ray's start on a busy 2-core machine has taken 160 s
+MODEL_NAME = "iris"
+
+
+class Progress:
+    """One line per stage, with the time since the bench started and the stage's length."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+        self.stage_start = self.start
+
+    def __call__(self, message: str) -> None:
+        now = time.monotonic()
+        print(f"[bench {now - self.start:6.1f}s] {message}", flush=True)
+        self.stage_start = now
+
+    def done(self, message: str) -> None:
+        self(f"  {message} ({time.monotonic() - self.stage_start:.1f}s)")
+
+
+# ---- workloads ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Workload:
+    key: str
+    title: str
+    path: str
+    body: bytes
+    headers: dict[str, str]
+    rows: int
+    connections: int
+    servers: tuple[str, ...]
+    check: Callable[[bytes, dict[str, str]], None] = field(compare=False)
+
+
+def _rows(n: int) -> np.ndarray:
+    from sklearn.datasets import load_iris
+
+    data = load_iris().data
+    return np.ascontiguousarray(np.resize(data, (n, data.shape[1])), dtype=np.float64)
+
+
+def workloads(expected: Callable[[np.ndarray], np.ndarray]) -> list[Workload]:
+    """The payloads, each with a check of its answer against the model's own `predict`."""
+    one = _rows(1)
+    many = _rows(256)
+    big = _rows(4096)
+
+    def seed_check(rows: np.ndarray) -> Callable[[bytes, dict[str, str]], None]:
+        want = expected(rows).tolist()
+
+        def check(body: bytes, headers: dict[str, str]) -> None:
+            answer = orjson.loads(body)
+            got = [answer["prediction"]] if len(rows) == 1 else answer["predictions"]
+            if got != want:
+                raise AssertionError(f"wrong predictions: {str(got)[:80]} != {str(want)[:80]}")
+
+        return check
+
+    def v2_check(body: bytes, headers: dict[str, str]) -> None:
+        got = codec.decode_v2_response(body, headers.get(codec.BINARY_HEADER))["predict"]
+        if not np.array_equal(got, expected(big)):
+            raise AssertionError("wrong V2 predictions")
+
+    single = orjson.dumps({"features": one[0].tolist()})
+    batch = orjson.dumps({"features": many.tolist()})
+    v2_body, v2_headers = codec.encode_v2_request(big, binary=True, outputs=["predict"], binary_outputs=True)
+    json_headers = {"content-type": "application/json"}
+    everyone = SERVERS
+    return [
+        Workload("row1_c1", "1 row, c=1", "/predict", single, json_headers, 1, 1, everyone, seed_check(one)),
+        Workload("row1_c32", "1 row, c=32", "/predict", single, json_headers, 1, 32, everyone, seed_check(one)),
+        Workload("row1_c128", "1 row, c=128", "/predict", single, json_headers, 1, 128, everyone, seed_check(one)),
+        # The seed's Flask app takes one row per request only.
+        Workload("rows256_c8", "256 rows JSON, c=8", "/predict", batch, json_headers, 256, 8,
+                 ("starlette", "serve_app"), seed_check(many)),
+        Workload("v2bin4096_c8", "V2 binary 4,096 rows, c=8", f"/v2/models/{MODEL_NAME}/infer", v2_body,
+                 v2_headers, 4096, 8, ("serve_app",), v2_check),
+    ]
+
+
+def _post(url: str, body: bytes, headers: dict[str, str], timeout: float = 10.0) -> tuple[int, bytes, dict[str, str]]:
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            return answer.status, answer.read(), {k.lower(): v for k, v in answer.headers.items()}
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(), {}
+
+
+# ---- servers --------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    name: str
+    base_url: str
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    seen: set[processes.Process] = field(default_factory=set)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            self.seen |= processes.descendants(proc.pid)
+            self.seen.add((proc.pid, _start_time(proc.pid)))
+        processes.end({p for p in self.seen if p[1] >= 0})
+        for proc in self.procs:
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def _start_time(pid: int) -> int:
+    stat = processes._stat(pid)  # noqa: SLF001 - same module family, one helper
+    return stat[1] if stat else -1
+
+
+def wait_answering(url: str, body: bytes, headers: dict[str, str], timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{url}: the server exited with {proc.returncode}")
+        try:
+            status, answer, _ = _post(url, body, headers, timeout=2)
+            if status == 200:
+                return
+            last = f"{status} {answer[:200]!r}"
+        except Exception as exc:  # not listening yet
+            last = repr(exc)
+        time.sleep(0.25)
+    raise TimeoutError(f"{url} did not answer within {timeout_s}s: {last}")
+
+
+def start_baseline(name: str, model_file: Path, log_dir: Path, probe: Workload) -> Server:
+    port = processes.free_port()
+    script = BENCHMARKS / f"{name}_app.py"
+    log = open(log_dir / f"{name}.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "--model", str(model_file), "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO,
+    )
+    log.close()
+    server = Server(name, f"http://127.0.0.1:{port}", [proc])
+    try:
+        wait_answering(server.base_url + probe.path, probe.body, probe.headers, 60, proc)
+    except Exception:
+        server.stop()
+        raise
+    return server
+
+
+class RayStartFailed(RuntimeError):
+    pass
+
+
+class RayDeployment:
+    """A private Ray (`ray start --head --block` on free ports) serving the project's config."""
+
+    def __init__(self, config_path: Path, store_root: Path, work_dir: Path, log: Progress) -> None:
+        self.log = log
+        self.work_dir = work_dir
+        self.state_dir = Path(tempfile.mkdtemp(prefix="sab-", dir="/tmp"))  # HAProxy: short socket path
+        self.http_port = processes.free_port()
+        self.gcs_port = processes.free_port()
+        self.dashboard = f"http://127.0.0.1:{processes.free_port()}"
+        self.config = self._config(config_path, store_root)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.seen: set[processes.Process] = set()
+        self.base_url = f"http://127.0.0.1:{self.http_port}"
+
+    def _config(self, config_path: Path, store_root: Path) -> dict[str, Any]:
+        from serve_app import ops
+
+        config = copy.deepcopy(ops.load_config(config_path))
+        config["http_options"] = {**(config.get("http_options") or {}), "host": "127.0.0.1", "port": self.http_port}
+        app = ops.find_app(config, APP_NAME)
+        app["args"] = {**(app.get("args") or {}), "store": str(store_root), "model": MODEL_NAME}
+        monitoring = app["args"].get("monitoring")
+        if isinstance(monitoring, dict) and monitoring.get("log_dir"):
+            # The prediction log stays on (it is part of what is measured) but not in the repo.
+            app["args"]["monitoring"] = {**monitoring, "log_dir": str(self.work_dir / "predictions")}
+        return config
+
+    def environment(self) -> dict[str, str]:
+        env = dict(processes.FAST_PATH_ENV)
+        env.update(processes.haproxy_env(
+            self.state_dir, stats_port=processes.free_port(), metrics_port=processes.free_port()
+        ))
+        env["RAY_USAGE_STATS_ENABLED"] = "0"
+        # Serve's fallback proxy otherwise binds fixed ports that another cluster may hold.
+        env["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"] = str(processes.free_port())
+        env["RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"] = str(processes.free_port())
+        # `ray start` turns token auth on when a token file exists and a driver attaching by
+        # address would then need it too; this private cluster lives only for the bench.
+        env.setdefault("RAY_AUTH_MODE", os.environ.get("RAY_AUTH_MODE", "disabled"))
+        return env
+
+    def start(self, attempts: int = 3) -> None:
+        """Ray waits only 30 s for its raylet, which a busy 2-core machine can miss: retry."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start()
+            except RayStartFailed as exc:
+                self.log(f"  ray start failed (attempt {attempt} of {attempts}): {str(exc).splitlines()[-1]}")
+                self._end_processes()
+                if attempt == attempts:
+                    raise
+                self.gcs_port = processes.free_port()
+                self.dashboard = f"http://127.0.0.1:{processes.free_port()}"
+
+    def _start(self) -> None:
+        # The driver (this process) reads the throughput-optimized switch when ray.serve is
+        # imported, and the Ray processes inherit it from `ray start`: set both first.
+        os.environ.update(self.environment())
+        ray_cli = Path(sys.executable).with_name("ray")
+        ports = {
+            "--port": self.gcs_port,
+            "--dashboard-port": int(self.dashboard.rsplit(":", 1)[1]),
+            "--ray-client-server-port": processes.free_port(),
+            "--dashboard-agent-listen-port": processes.free_port(),
+            "--dashboard-agent-grpc-port": processes.free_port(),
+            "--runtime-env-agent-port": processes.free_port(),
+            "--metrics-export-port": processes.free_port(),
+            "--node-manager-port": processes.free_port(),
+            "--object-manager-port": processes.free_port(),
+        }
+        command = [
+            str(ray_cli), "start", "--head", "--block", "--disable-usage-stats", "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1",
+            f"--temp-dir={self.work_dir / 'ray'}",
+            *[f"{flag}={port}" for flag, port in ports.items()],
+        ]
+        log_path = self.work_dir / "ray-start.log"
+        log = open(log_path, "wb")
+        self.proc = subprocess.Popen(command, env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True, cwd=REPO)
+        log.close()
+        # Attach only once `ray start` says the node is up: a driver pointed at a GCS that
+        # never comes up waits far longer than the bench should.
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while b"Ray runtime started" not in log_path.read_bytes():
+            self._remember()
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                tail = log_path.read_text(errors="replace")[-1500:]
+                raise RayStartFailed(f"ray start did not come up (exit {self.proc.poll()}); its log ends:\n{tail}")
+            time.sleep(0.5)
+        import ray
+
+        ray.init(address=f"127.0.0.1:{self.gcs_port}", log_to_driver=False, logging_level="ERROR")
+        from serve_app import ops
+
+        deadline = time.monotonic() + 120
+        while True:  # the dashboard's REST API comes up a little after the GCS
+            try:
+                ops.deploy(self.config, self.dashboard)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+        ops.wait_until_running(APP_NAME, self.dashboard, timeout_s=START_TIMEOUT_S)
+        self._remember()
+
+    def _remember(self) -> None:
+        if self.proc is not None:
+            self.seen |= processes.descendants(self.proc.pid)
+        self.seen |= set(self.haproxy())
+
+    def haproxy(self) -> list[processes.Process]:
+        """HAProxy may leave the process tree (it daemonises): found by its own config path."""
+        found = []
+        marker = str(self.state_dir).encode()
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if marker in cmdline and b"haproxy" in cmdline:
+                start = _start_time(int(entry))
+                if start >= 0:
+                    found.append((int(entry), start))
+        return found
+
+    def memory(self) -> dict[str, Any]:
+        """Resident memory of every process of the deployment (Ray's tree and HAProxy)."""
+        self._remember()
+        live = [p for p in self.seen if processes.alive(p)]
+        rss = pss = 0
+        for pid, _ in live:
+            rss += _status_kib(pid, "VmRSS")
+            pss += _rollup_kib(pid, "Pss")
+        return {"processes": len(live), "rss_mib": rss / 1024, "pss_mib": pss / 1024,
+                "haproxy_processes": len(self.haproxy())}
+
+    def stop(self) -> None:
+        self._remember()
+        try:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+        except Exception:
+            pass
+        self._end_processes()
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def _end_processes(self) -> None:
+        self._remember()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                pass
+        processes.end(self.seen, grace_s=10)
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        # Serve reloads HAProxy by starting a new one (-sf): one may appear while Ray stops.
+        quiet_scans = 0
+        deadline = time.monotonic() + 30
+        while quiet_scans < 3 and time.monotonic() < deadline:
+            left = self.haproxy()
+            quiet_scans = 0 if left else quiet_scans + 1
+            processes.end(left, grace_s=5)
+            time.sleep(0.5)
+        if self.proc is not None and self.proc.poll() is not None:
+            self.proc.wait()  # reap it
+
+
+def _status_kib(pid: int, key: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _rollup_kib(pid: int, key: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+# ---- measuring ------------------------------------------------------------------------------
+
+
+def measure_http(server: Server, workload: Workload, duration_s: float, generator: str) -> dict[str, Any]:
+    url = server.base_url + workload.path
+    status, body, headers = _post(url, workload.body, workload.headers)
+    if status != 200:
+        raise RuntimeError(f"{server.name} {workload.key}: preflight answered {status}: {body[:300]!r}")
+    workload.check(body, headers)
+    result = run_load(url, workload.body, workload.headers, connections=workload.connections,
+                      duration_s=duration_s, generator=generator)
+    return row_of(server.name, workload, result)
+
+
+def row_of(server: str, workload: Workload, result: LoadResult) -> dict[str, Any]:
+    return {
+        "server": server, "workload": workload.key, "title": workload.title, "kind": "http",
+        "connections": workload.connections, "rows_per_request": workload.rows,
+        "req_s": result.rps, "rows_s": result.rps * workload.rows,
+        "p50_ms": result.p50_ms, "p90_ms": result.p90_ms, "p99_ms": result.p99_ms, "max_ms": result.max_ms,
+        "requests": result.requests, "errors": result.errors, "timeouts": result.timeouts,
+        "non_2xx": result.non_2xx, "client_cpu_pct": result.client_cpu_pct, "generator": result.generator,
+        "load_avg_1m": os.getloadavg()[0],  # other work on the machine during this measurement
+    }
+
+
+async def _handle_load(handle: Any, rows: np.ndarray, concurrency: int, duration_s: float) -> dict[str, Any]:
+    latencies: list[float] = []
+    failures = 0
+    deadline = time.monotonic() + duration_s
+
+    async def caller() -> None:
+        nonlocal failures
+        while time.monotonic() < deadline:
+            start = time.perf_counter()
+            try:
+                result = await handle.predict.remote(rows)
+                if len(result) != len(rows):
+                    failures += 1
+            except Exception:
+                failures += 1
+                continue
+            latencies.append(time.perf_counter() - start)
+
+    cpu = time.process_time()
+    start = time.monotonic()
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    elapsed = time.monotonic() - start
+    cpu = time.process_time() - cpu
+    ordered = sorted(latencies) or [0.0]
+
+    def pct(p: float) -> float:
+        return 1e3 * ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+    calls_s = len(latencies) / elapsed
+    n = len(rows)
+    return {
+        "server": APP_NAME, "workload": f"handle{n}_c{concurrency}",
+        "title": f"handle, {n} row{'s' if n > 1 else ''}, {concurrency} in flight",
+        "kind": "handle", "connections": concurrency, "rows_per_request": n,
+        "req_s": calls_s, "rows_s": calls_s * n,
+        "p50_ms": pct(50), "p90_ms": pct(90), "p99_ms": pct(99), "max_ms": 1e3 * ordered[-1],
+        "requests": len(latencies), "errors": failures, "timeouts": 0, "non_2xx": 0,
+        "client_cpu_pct": 100 * cpu / elapsed, "generator": "ray handle (bench process)",
+    }
+
+
+def measure_handles(cases: Sequence[tuple[int, int]], duration_s: float, log: Progress) -> list[dict[str, Any]]:
+    """(rows per call, calls in flight) each for `duration_s`, on one event loop.
+
+    A handle's router is bound to the loop it first ran on, so all cases share one.
+    """
+
+    async def all_cases() -> list[dict[str, Any]]:
+        from serve_app.client import model_handle
+
+        handle = model_handle(APP_NAME)
+        await handle.predict.remote(_rows(1))  # warm: the router learns the replicas
+        out = []
+        for rows_per_call, concurrency in cases:
+            log(f"serve_app: handle calls, {rows_per_call} rows, {concurrency} in flight, {duration_s:g}s")
+            row = await _handle_load(handle, _rows(rows_per_call), concurrency, duration_s)
+            log.done(f"{row['req_s']:,.0f} calls/s, {row['rows_s']:,.0f} rows/s, p50 {row['p50_ms']:.2f} ms"
+                     + (f", {row['errors']} FAILED" if row["errors"] else ""))
+            out.append(row)
+        return out
+
+    return asyncio.run(all_cases())
+
+
+# ---- the report -----------------------------------------------------------------------------
+
+
+def _find(rows: Sequence[dict[str, Any]], server: str, workload: str) -> dict[str, Any] | None:
+    return next((r for r in rows if r["server"] == server and r["workload"] == workload), None)
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    for row in rows:
+        if row["server"] != APP_NAME:
+            continue
+        for base in ("starlette", "flask"):
+            other = _find(rows, base, row["workload"])
+            if other and other["req_s"] > 0:
+                row[f"x_{base}_req_s"] = row["req_s"] / other["req_s"]
+                row[f"x_{base}_p50"] = row["p50_ms"] / other["p50_ms"] if other["p50_ms"] else None
+                row[f"x_{base}_p99"] = row["p99_ms"] / other["p99_ms"] if other["p99_ms"] else None
+
+
+def goals(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets, each with the figures that decide it (None: not measured)."""
+
+    def pair(workload: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        return _find(rows, APP_NAME, workload), _find(rows, "starlette", workload)
+
+    out: list[dict[str, Any]] = []
+    ours, theirs = pair("row1_c32")
+    if ours and theirs:
+        ratio = ours["req_s"] / theirs["req_s"]
+        out.append({"goal": "1 row, c=32: req/s >= 1.5x Starlette, p99 no worse",
+                    "met": ratio >= 1.5 and ours["p99_ms"] <= theirs["p99_ms"],
+                    "measured": f"{ratio:.2f}x req/s ({ours['req_s']:,.0f} vs {theirs['req_s']:,.0f}); "
+                                f"p99 {ours['p99_ms']:.2f} vs {theirs['p99_ms']:.2f} ms"})
+    ours, theirs = pair("row1_c1")
+    if ours and theirs:
+        ratio = ours["p50_ms"] / theirs["p50_ms"]
+        out.append({"goal": "1 row, c=1: p50 <= 2x Starlette's", "met": ratio <= 2.0,
+                    "measured": f"p50 {ours['p50_ms']:.2f} vs {theirs['p50_ms']:.2f} ms ({ratio:.2f}x)"})
+    ours, theirs = pair("rows256_c8")
+    if ours and theirs:
+        ratio = ours["rows_s"] / theirs["rows_s"]
+        out.append({"goal": "256-row JSON: rows/s >= 1.5x Starlette", "met": ratio >= 1.5,
+                    "measured": f"{ratio:.2f}x ({ours['rows_s']:,.0f} vs {theirs['rows_s']:,.0f} rows/s)"})
+    ours = _find(rows, APP_NAME, "v2bin4096_c8")
+    if ours:
+        out.append({"goal": "V2 binary 4,096-row requests: >= 1,000,000 rows/s", "met": ours["rows_s"] >= 1e6,
+                    "measured": f"{ours['rows_s']:,.0f} rows/s"})
+    ours, theirs = pair("row1_c128")
+    if ours:
+        clean = ours["errors"] + ours["timeouts"] + ours["non_2xx"] == 0
+        p99_ok = theirs is None or ours["p99_ms"] <= theirs["p99_ms"]
+        versus = f" vs {theirs['p99_ms']:.2f} ms" if theirs else ""
+        out.append({"goal": "1 row, c=128: zero errors and timeouts, p99 <= Starlette's", "met": clean and p99_ok,
+                    "measured": f"{ours['errors']} errors, {ours['timeouts']} timeouts, {ours['non_2xx']} non-2xx; "
+                                f"p99 {ours['p99_ms']:.2f} ms{versus}"})
+    return out
+
+
+def _ratio(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}x"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    rows = report["results"]
+    lines = [
+        f"# serve-app bench ({report['mode']}, {report['started']})",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Machine: {report['machine']}; load generator: {report['generator']}; "
+        f"{report['duration_s']:g} s per workload.",
+    ]
+    if report["generator"].startswith("python"):
+        lines.append("**wrk is not installed: the Python fallback load generator was used; it saturates a core by "
+                     "itself, so these figures show correctness, not the servers' speed.**")
+    lines += [
+        "",
+        "| server | workload | req/s | rows/s | p50 ms | p90 ms | p99 ms | errors | timeouts | non-2xx "
+        "| x Starlette req/s | x Starlette p99 | x Flask req/s | client CPU |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['server']} | {r['title']} | {r['req_s']:,.0f} | {r['rows_s']:,.0f} | {r['p50_ms']:.2f} | "
+            f"{r['p90_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} | {r['timeouts']} | {r['non_2xx']} | "
+            f"{_ratio(r.get('x_starlette_req_s'))} | {_ratio(r.get('x_starlette_p99'))} | "
+            f"{_ratio(r.get('x_flask_req_s'))} | {r['client_cpu_pct']:.0f}% |"
+        )
+    if report["goals"]:
+        lines += ["", "## Goals (issue 3), ratios from this run", "", "| goal | met | measured |", "|---|---|---|"]
+        for g in report["goals"]:
+            lines.append(f"| {g['goal']} | {'yes' if g['met'] else '**no**'} | {g['measured']} |")
+    memory = report.get("memory")
+    if memory:
+        lines += ["", "## Memory of the local deployment (Ray's process tree + HAProxy)", ""]
+        for stage, m in memory.items():
+            lines.append(f"- {stage}: {m['rss_mib']:,.0f} MiB RSS summed over {m['processes']} processes "
+                         f"(PSS, shared pages counted once: {m['pss_mib']:,.0f} MiB)")
+    if report.get("soak"):
+        s = report["soak"]
+        lines += ["", f"Soak: {s['seconds']:.0f} s at c={s['connections']} ({s['req_s']:,.0f} req/s, "
+                  f"{s['failed']} failed): PSS {s['pss_before_mib']:,.0f} -> {s['pss_after_mib']:,.0f} MiB "
+                  f"({s['growth_pct']:+.1f}%)"]
+    lines += ["", "Baselines: " + report["baselines"], "", "![throughput and latency](bench.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_rps, ax_lat, ax_rows) = plt.subplots(1, 3, figsize=(17, 5))
+    colours = {"serve_app": "tab:blue", "starlette": "tab:orange", "flask": "tab:green"}
+    for server in SERVERS:
+        points = sorted((r["connections"], r) for r in rows
+                        if r["server"] == server and r["kind"] == "http" and r["rows_per_request"] == 1)
+        if not points:
+            continue
+        xs = [c for c, _ in points]
+        ax_rps.plot(xs, [r["req_s"] for _, r in points], "o-", color=colours[server], label=server)
+        for key, style in (("p50_ms", "o-"), ("p90_ms", "s--"), ("p99_ms", "^:")):
+            ax_lat.plot(xs, [r[key] for _, r in points], style, color=colours[server],
+                        label=f"{server} {key[:3]}")
+    for ax in (ax_rps, ax_lat):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("connections (1-row POST /predict)")
+        ax.grid(True, alpha=0.3)
+    ax_rps.set_ylabel("requests/s")
+    ax_rps.set_title("Throughput vs concurrency")
+    ax_rps.legend()
+    ax_lat.set_yscale("log")
+    ax_lat.set_ylabel("latency (ms)")
+    ax_lat.set_title("Latency percentiles")
+    ax_lat.legend(fontsize=7, ncol=3)
+    batch = [r for r in rows if r["rows_per_request"] > 1 or r["kind"] == "handle"]
+    labels = [f"{r['server']}\n{r['title']}" for r in batch]
+    ax_rows.barh(range(len(batch)), [r["rows_s"] for r in batch],
+                 color=[colours.get(r["server"], "grey") for r in batch])
+    ax_rows.set_yticks(range(len(batch)), labels, fontsize=7)
+    ax_rows.set_xscale("log")
+    ax_rows.set_xlabel("rows/s")
+    ax_rows.set_title("Batched requests and handle calls")
+    ax_rows.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _machine() -> str:
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor()
+    return f"{os.cpu_count()} CPUs ({model}), {platform.system()} {platform.release()}, load {os.getloadavg()[0]:.2f}"
+
+
+def print_table(report: dict[str, Any]) -> None:
+    header = ["server", "workload", "req/s", "rows/s", "p50", "p90", "p99", "err", "t/o", "non2xx",
+              "xStarl", "xStarl p99", "xFlask", "cli CPU"]
+    table = [header]
+    for r in report["results"]:
+        table.append([r["server"], r["title"], f"{r['req_s']:,.0f}", f"{r['rows_s']:,.0f}", f"{r['p50_ms']:.2f}",
+                      f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}", str(r["errors"]), str(r["timeouts"]),
+                      str(r["non_2xx"]), _ratio(r.get("x_starlette_req_s")), _ratio(r.get("x_starlette_p99")),
+                      _ratio(r.get("x_flask_req_s")), f"{r['client_cpu_pct']:.0f}%"])
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    print()
+    for row in table:
+        print("  ".join(cell.rjust(w) if i > 1 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+    for g in report["goals"]:
+        print(f"  [{'met' if g['met'] else 'NOT MET'}] {g['goal']}: {g['measured']}")
+    for stage, m in (report.get("memory") or {}).items():
+        print(f"  memory {stage}: {m['rss_mib']:,.0f} MiB RSS / {m['pss_mib']:,.0f} MiB PSS in {m['processes']} processes")
+    print(flush=True)
+
+
+# ---- the run --------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchOptions:
+    out: Path = Path("bench-results")
+    quick: bool = False
+    duration_s: float | None = None
+    config: Path = Path("configs/local.yaml")
+    servers: tuple[str, ...] = SERVERS
+    generator: str = "auto"
+    soak_s: float = 0.0
+
+
+def run(options: BenchOptions) -> dict[str, Any]:
+    log = Progress()
+    # Every process the bench starts (baselines, Ray workers) imports this checkout's code.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    duration = options.duration_s or (2.0 if options.quick else 10.0)
+    warmup = 1.0 if options.quick else 3.0
+    generator = options.generator
+    if generator == "auto":
+        generator = "wrk" if wrk_path() else "python"
+        if generator == "python":
+            log("wrk is not installed (apt-get install wrk): using the Python fallback load generator")
+    options.out.mkdir(parents=True, exist_ok=True)
+    work_dir = Path(tempfile.mkdtemp(prefix="sa-bench-", dir="/tmp"))
+    results: list[dict[str, Any]] = []
+    memory: dict[str, Any] = {}
+    soak: dict[str, Any] | None = None
+    ended: list[processes.Process] = []
+    port = 0
+    try:
+        from serve_app.predictor import Predictor
+        from serve_app.store import ModelStore
+        from serve_app.training import train
+
+        log(f"training {MODEL_NAME} into a temporary store {work_dir / 'models'}")
+        store = ModelStore(work_dir / "models")
+        manifest = train(store, name=MODEL_NAME)
+        model_file = store.model_path(manifest)
+        model = Predictor.load(store, MODEL_NAME).model
+        loads = workloads(lambda rows: np.asarray(model.predict(rows)))
+        log.done(f"v{manifest.version} {manifest.estimator.rsplit('.', 1)[-1]}, {model_file.name}")
+
+        def drive(server: Server) -> None:
+            mine = [w for w in loads if server.name in w.servers]
+            run_load(server.base_url + mine[0].path, mine[0].body, mine[0].headers, connections=32,
+                     duration_s=warmup, generator=generator)
+            for w in mine:
+                log(f"{server.name}: {w.title} for {duration:g}s")
+                row = measure_http(server, w, duration, generator)
+                results.append(row)
+                failed = row["errors"] + row["timeouts"] + row["non_2xx"]
+                log.done(f"{row['req_s']:,.0f} req/s, p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms"
+                         + (f", {failed} FAILED" if failed else ""))
+
+        for name in ("flask", "starlette"):
+            if name not in options.servers:
+                continue
+            log(f"starting the {name} baseline")
+            server = start_baseline(name, model_file, work_dir, loads[0])
+            log.done(f"{name} on {server.base_url}")
+            try:
+                drive(server)
+            finally:
+                server.stop()
+
+        if APP_NAME in options.servers:
+            log(f"starting Ray and deploying {options.config} (fast path: HAProxy, throughput-optimized)")
+            ray_dep = RayDeployment(options.config, store.root, work_dir, log)
+            try:
+                ray_dep.start()
+                server = Server(APP_NAME, ray_dep.base_url)
+                wait_answering(server.base_url + loads[0].path, loads[0].body, loads[0].headers, 120)
+                memory["idle"] = ray_dep.memory()
+                log.done(f"serving on {server.base_url}; {memory['idle']['rss_mib']:,.0f} MiB RSS")
+                drive(server)
+                results += measure_handles(((1, 1), (1, 32), (256, 8)), duration, log)
+                memory["after load"] = ray_dep.memory()
+                if options.soak_s > 0:
+                    soak = run_soak(server, loads[1], ray_dep, options.soak_s, generator, log)
+            finally:
+                log("stopping Ray and HAProxy (by pid)")
+                ray_dep.stop()
+                ended, port = sorted(ray_dep.seen), ray_dep.http_port
+                log.done("stopped")
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+    add_ratios(results)
+    report = {
+        "mode": "quick" if options.quick else "full",
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": "serve-app bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else []),
+        "machine": _machine(),
+        "generator": generator if generator != "wrk" else f"wrk ({wrk_path()}), 2 threads",
+        "duration_s": duration,
+        "config": str(options.config),
+        "baselines": "flask = the seed's app on Flask's threaded dev server, sklearn predict; starlette = uvicorn "
+                     "(uvloop, httptools) 1 worker, no access log, stdlib json via request.json(), sklearn's own "
+                     "predict (input validation included). All serve the same stored model file.",
+        "results": results,
+        "goals": goals(results),
+        "memory": memory,
+        "soak": soak,
+        "deployment_processes": ended,  # (pid, start time): all ended by the bench
+        "serve_app_port": port,
+    }
+    (options.out / "results.json").write_text(json.dumps(report, indent=2))
+    (options.out / "results.md").write_text(markdown(report))
+    plot(results, options.out / "bench.png")
+    print_table(report)
+    log(f"wrote {options.out / 'results.md'}, {options.out / 'results.json'}, {options.out / 'bench.png'}")
+    return report
+
+
+def run_soak(server: Server, workload: Workload, ray_dep: RayDeployment, seconds: float,
+             generator: str, log: Progress) -> dict[str, Any]:
+    """A long run at a fixed load, for memory growth (issue goal 6)."""
+    before = ray_dep.memory()
+    log(f"soak: {workload.title} for {seconds:g}s")
+    result = run_load(server.base_url + workload.path, workload.body, workload.headers,
+                      connections=workload.connections, duration_s=seconds, generator=generator)
+    after = ray_dep.memory()
+    growth = 100 * (after["pss_mib"] - before["pss_mib"]) / before["pss_mib"]
+    log.done(f"{result.rps:,.0f} req/s; PSS {before['pss_mib']:,.0f} -> {after['pss_mib']:,.0f} MiB ({growth:+.1f}%)")
+    return {"seconds": seconds, "connections": workload.connections, "req_s": result.rps, "failed": result.failed,
+            "pss_before_mib": before["pss_mib"], "pss_after_mib": after["pss_mib"], "growth_pct": growth}
+

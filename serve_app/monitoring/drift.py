@@ -1,0 +1,188 @@
+"""Data drift: recent inputs against the training statistics kept in the manifest.
+
+Each replica keeps a bounded window of its most recent rows per model version and turns
+it into a `WindowCounts`: per feature, the row count in each training bin (for PSI) and
+how many rows fall below / at-or-below each point of the training sample (for KS). Those
+counts are additive, so the monitor hub sums the replicas' counts and computes the
+scores of the union of their windows exactly, as if one window had seen every row.
+
+PSI = sum((a - e) * ln(a / e)) over the training deciles (outer bins open-ended);
+KS = the two-sample Kolmogorov-Smirnov statistic sup|F_window - F_train|, evaluated at
+the training sample points, where the supremum of two step functions is reached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping, Sequence
+
+import numpy as np
+
+from serve_app.manifest import Manifest
+
+Status = Literal["ok", "warning", "drift", "insufficient_data"]
+_SEVERITY = {"ok": 0, "warning": 1, "drift": 2}
+# A bin nobody fell into would make PSI infinite; this floor is the usual convention.
+PSI_EPSILON = 1e-4
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    psi_warning: float = 0.1
+    psi_drift: float = 0.25
+    ks_warning: float = 0.15
+    ks_drift: float = 0.3
+    min_rows: int = 100
+
+
+@dataclass(frozen=True)
+class FeatureReference:
+    inner_edges: np.ndarray  # the training bin edges without the outermost two
+    fractions: np.ndarray  # training fraction of rows per bin
+    sample: np.ndarray  # sorted training sample
+    cdf_lt: np.ndarray  # F_train just below each sample point
+    cdf_le: np.ndarray  # F_train at each sample point
+
+
+@dataclass(frozen=True)
+class DriftReference:
+    """What one model version's inputs are compared with (from its manifest)."""
+
+    model: str
+    version: str
+    features: tuple[str, ...]
+    per_feature: tuple[FeatureReference, ...]
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest) -> "DriftReference | None":
+        if not manifest.training_stats or any(f not in manifest.training_stats for f in manifest.feature_names):
+            return None  # a model stored without reference data: nothing to compare with
+        refs = []
+        for name in manifest.feature_names:
+            stats = manifest.training_stats[name]
+            sample = np.asarray(stats.sample, dtype=np.float64)
+            n = len(sample)
+            refs.append(
+                FeatureReference(
+                    inner_edges=np.asarray(stats.bin_edges[1:-1], dtype=np.float64),
+                    fractions=np.asarray(stats.bin_fractions, dtype=np.float64),
+                    sample=sample,
+                    cdf_lt=np.searchsorted(sample, sample, side="left") / n,
+                    cdf_le=np.searchsorted(sample, sample, side="right") / n,
+                )
+            )
+        return cls(manifest.name, manifest.version, tuple(manifest.feature_names), tuple(refs))
+
+
+@dataclass
+class WindowCounts:
+    """Additive summary of a window of rows (one replica's, or the sum of several)."""
+
+    rows: int
+    bins: list[np.ndarray]  # per feature: rows per training bin
+    lt: list[np.ndarray]  # per feature: rows strictly below each sample point
+    le: list[np.ndarray]  # per feature: rows at or below each sample point
+
+    @classmethod
+    def of(cls, reference: DriftReference, window: np.ndarray) -> "WindowCounts":
+        bins, lt, le = [], [], []
+        for column, ref in zip(window.T, reference.per_feature):
+            ordered = np.sort(column)
+            bins.append(np.bincount(np.searchsorted(ref.inner_edges, column, side="right"), minlength=len(ref.fractions)))
+            lt.append(np.searchsorted(ordered, ref.sample, side="left"))
+            le.append(np.searchsorted(ordered, ref.sample, side="right"))
+        return cls(len(window), bins, lt, le)
+
+    def __add__(self, other: "WindowCounts") -> "WindowCounts":
+        return WindowCounts(
+            self.rows + other.rows,
+            [a + b for a, b in zip(self.bins, other.bins)],
+            [a + b for a, b in zip(self.lt, other.lt)],
+            [a + b for a, b in zip(self.le, other.le)],
+        )
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"rows": self.rows, "bins": self.bins, "lt": self.lt, "le": self.le}
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> "WindowCounts":
+        return cls(int(data["rows"]), list(data["bins"]), list(data["lt"]), list(data["le"]))
+
+
+def psi(expected: np.ndarray, actual: np.ndarray) -> float:
+    e = np.clip(expected, PSI_EPSILON, None)
+    a = np.clip(actual, PSI_EPSILON, None)
+    return float(np.sum((a - e) * np.log(a / e)))
+
+
+def feature_status(psi_value: float, ks_value: float, rows: int, thresholds: Thresholds) -> Status:
+    if rows < thresholds.min_rows:
+        return "insufficient_data"
+    if psi_value >= thresholds.psi_drift or ks_value >= thresholds.ks_drift:
+        return "drift"
+    if psi_value >= thresholds.psi_warning or ks_value >= thresholds.ks_warning:
+        return "warning"
+    return "ok"
+
+
+def worst(statuses: Sequence[Status]) -> Status:
+    judged = [s for s in statuses if s in _SEVERITY]
+    if not judged:
+        return "insufficient_data"
+    return max(judged, key=_SEVERITY.__getitem__)
+
+
+def score(reference: DriftReference, counts: WindowCounts, thresholds: Thresholds) -> dict[str, Any]:
+    """PSI, KS and a status per feature for the rows summarised by `counts`."""
+    features: dict[str, Any] = {}
+    for name, ref, bins, lt, le in zip(reference.features, reference.per_feature, counts.bins, counts.lt, counts.le):
+        if counts.rows == 0:
+            psi_value = ks_value = 0.0
+        else:
+            psi_value = psi(ref.fractions, np.asarray(bins) / counts.rows)
+            ks_value = float(
+                max(
+                    np.max(np.abs(np.asarray(lt) / counts.rows - ref.cdf_lt)),
+                    np.max(np.abs(np.asarray(le) / counts.rows - ref.cdf_le)),
+                )
+            )
+        features[name] = {
+            "psi": round(psi_value, 6),
+            "ks": round(ks_value, 6),
+            "status": feature_status(psi_value, ks_value, counts.rows, thresholds),
+        }
+    return {
+        "model": reference.model,
+        "version": reference.version,
+        "rows": counts.rows,
+        "status": worst([f["status"] for f in features.values()]),
+        "features": features,
+    }
+
+
+class RowWindow:
+    """The most recent `size` rows, in a preallocated ring (no allocation per request)."""
+
+    def __init__(self, size: int, n_features: int) -> None:
+        self.buffer = np.empty((size, n_features), dtype=np.float64)
+        self.size = size
+        self.position = 0
+        self.filled = 0
+
+    def add(self, rows: np.ndarray) -> None:
+        if len(rows) >= self.size:
+            self.buffer[:] = rows[-self.size :]
+            self.position, self.filled = 0, self.size
+            return
+        end = self.position + len(rows)
+        if end <= self.size:
+            self.buffer[self.position : end] = rows
+        else:
+            split = self.size - self.position
+            self.buffer[self.position :] = rows[:split]
+            self.buffer[: end - self.size] = rows[split:]
+        self.position = end % self.size
+        self.filled = min(self.size, self.filled + len(rows))
+
+    def rows(self) -> np.ndarray:
+        return self.buffer[: self.filled] if self.filled < self.size else self.buffer
