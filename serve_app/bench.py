@@ -461,6 +461,7 @@ async def _handle_load(handle: Any, rows: np.ndarray, concurrency: int, duration
         "p50_ms": pct(50), "p90_ms": pct(90), "p99_ms": pct(99), "max_ms": 1e3 * ordered[-1],
         "requests": len(latencies), "errors": failures, "timeouts": 0, "non_2xx": 0,
         "client_cpu_pct": 100 * cpu / elapsed, "generator": "ray handle (bench process)",
+        "load_avg_1m": os.getloadavg()[0],
     }
 
 
@@ -564,15 +565,15 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         "| server | workload | req/s | rows/s | p50 ms | p90 ms | p99 ms | errors | timeouts | non-2xx "
-        "| x Starlette req/s | x Starlette p99 | x Flask req/s | client CPU |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| x Starlette req/s | x Starlette p99 | x Flask req/s | client CPU | load |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['server']} | {r['title']} | {r['req_s']:,.0f} | {r['rows_s']:,.0f} | {r['p50_ms']:.2f} | "
             f"{r['p90_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} | {r['timeouts']} | {r['non_2xx']} | "
             f"{_ratio(r.get('x_starlette_req_s'))} | {_ratio(r.get('x_starlette_p99'))} | "
-            f"{_ratio(r.get('x_flask_req_s'))} | {r['client_cpu_pct']:.0f}% |"
+            f"{_ratio(r.get('x_flask_req_s'))} | {r['client_cpu_pct']:.0f}% | {r.get('load_avg_1m', 0):.1f} |"
         )
     if report["goals"]:
         lines += ["", "## Goals (issue 3), ratios from this run", "", "| goal | met | measured |", "|---|---|---|"]
@@ -589,7 +590,10 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", f"Soak: {s['seconds']:.0f} s at c={s['connections']} ({s['req_s']:,.0f} req/s, "
                   f"{s['failed']} failed): PSS {s['pss_before_mib']:,.0f} -> {s['pss_after_mib']:,.0f} MiB "
                   f"({s['growth_pct']:+.1f}%)"]
-    lines += ["", "Baselines: " + report["baselines"], "", "![throughput and latency](bench.png)", ""]
+    lines += ["", "Baselines: " + report["baselines"], "",
+              "client CPU: the load generator's CPU time over the run (100% = one core); load: the "
+              "machine's 1-minute load average when the row was measured (2 cores: above 2, other work "
+              "competed).", "", "![throughput and latency](bench.png)", ""]
     return "\n".join(lines)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -238,6 +239,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from serve_app.tune import TuneOptions, run as tune
+
+    if args.slo_p99_ms <= 0 or args.budget_s <= 0 or args.max_replicas < 1 or args.max_connections < 1:
+        raise ValueError("--slo-p99-ms and --budget-s must be > 0, --max-replicas and --max-connections >= 1")
+    report = tune(TuneOptions(
+        config=Path(args.config), slo_p99_ms=args.slo_p99_ms, max_replicas=args.max_replicas, budget_s=args.budget_s,
+        out=Path(args.out), address=args.address, url=args.url, app=args.app, max_connections=args.max_connections,
+        generator=args.loadgen,
+    ))
+    if report["interrupted"]:
+        return 130
+    if report["error"]:
+        print(f"serve-app: error: tune stopped early: {report['error']}", file=sys.stderr)
+        return 1
+    return 0 if report["recommended"] else 1
+
+
 def cmd_batch(args: argparse.Namespace) -> int:
     from serve_app.batch import run_batch
 
@@ -342,6 +361,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--loadgen", default="auto", choices=("auto", "wrk", "python"), help="auto: wrk if installed")
     bench.add_argument("--soak", type=float, default=0.0, help="seconds of a further c=32 run to watch memory growth")
     bench.set_defaults(func=cmd_bench)
+
+    tune = commands.add_parser("tune", help="measure replica and batching settings against a p99 SLO; write a tuned config")
+    tune.add_argument("--config", default="configs/local.yaml", help="the Serve config to tune (tuned.yaml is a patched copy)")
+    tune.add_argument("--slo-p99-ms", type=float, required=True, help="p99 latency objective in ms (1-row POST /predict)")
+    tune.add_argument("--max-replicas", type=int, default=max(1, os.cpu_count() or 1), help="most replicas tried (default: CPUs)")
+    tune.add_argument("--budget-s", type=float, default=300.0, help="seconds of measuring once the app serves (default 300)")
+    tune.add_argument("--out", default="tune-results", help="folder for tune.md, tune.json, tune.png, tuned.yaml")
+    tune.add_argument("--address", default=None, help="tune the app on this running cluster's dashboard (restored after) "
+                      "instead of a private local Ray")
+    tune.add_argument("--url", default=None, help="with --address: the app's HTTP base URL (default: from http_options)")
+    tune.add_argument("--app", default="serve_app", help="application name in the Serve config")
+    tune.add_argument("--max-connections", type=int, default=64, help="most concurrent connections of the load (default 64)")
+    tune.add_argument("--loadgen", default="auto", choices=("auto", "wrk", "python"), help="auto: wrk if installed")
+    tune.set_defaults(func=cmd_tune)
 
     batch = with_store(commands.add_parser("batch", help="predict a CSV or Parquet file offline on Ray Data"))
     batch.add_argument("--model", default=DEFAULT_MODEL_NAME, help="NAME[:VERSION or alias] (default: iris, i.e. iris:production)")
