@@ -101,7 +101,13 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def haproxy_env(state_dir: Path, *, stats_port: int | None = None, metrics_port: int | None = None) -> dict[str, str]:
+def haproxy_env(
+    state_dir: Path,
+    *,
+    stats_port: int | None = None,
+    metrics_port: int | None = None,
+    fallback_proxy_port: int | None = None,
+) -> dict[str, str]:
     """Keeps one HAProxy's files (and optionally ports) apart from any other on the machine."""
     state_dir.mkdir(parents=True, exist_ok=True)
     env = {
@@ -114,4 +120,8 @@ def haproxy_env(state_dir: Path, *, stats_port: int | None = None, metrics_port:
         env["RAY_SERVE_HAPROXY_STATS_PORT"] = str(stats_port)
     if metrics_port is not None:
         env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(metrics_port)
+    if fallback_proxy_port is not None:
+        # HAProxy's backup server is Ray's proxy on this port (default 8500 for every run).
+        env["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"] = str(fallback_proxy_port)
+        env["RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"] = str(free_port())
     return env

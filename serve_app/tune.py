@@ -546,8 +546,7 @@ def run(options: TuneOptions) -> dict[str, Any]:
             signal.signal(sig, handler)
     sweep_s = time.monotonic() - ready_at
     try:
-        report = _report(options, sweep, interrupted, restored, sweep_s, generator, _machine())
-        report["error"] = error
+        report = _report(options, sweep, interrupted, restored, sweep_s, generator, _machine(), error)
     finally:
         if started.deployment is not None:
             log("stopping Ray and HAProxy (by pid)")
@@ -614,7 +613,7 @@ def _confirm(sweep: Sweep, default: Setting, measured: Sequence[Setting], option
 
 
 def _report(options: TuneOptions, sweep: Sweep | None, interrupted: bool, restored: str, sweep_s: float,
-            generator: str, machine: str) -> dict[str, Any]:
+            generator: str, machine: str, error: str = "") -> dict[str, Any]:
     points = sweep.points if sweep else []
     searched = [p for p in points if not p.phase.startswith("confirm")]
     chosen = best_at_slo(searched)
@@ -658,6 +657,8 @@ def _report(options: TuneOptions, sweep: Sweep | None, interrupted: bool, restor
                            "is from the sweep alone, where the default is one of the candidates.")
     if interrupted:
         verdict.append("Interrupted: partial results.")
+    if error:
+        verdict.append(f"Stopped early by an error: {error}. Partial results.")
     if sweep is None or not points:
         verdict.append("Nothing was measured (see the log above for why).")
     if restored:
@@ -676,6 +677,7 @@ def _report(options: TuneOptions, sweep: Sweep | None, interrupted: bool, restor
         "sweep_s": sweep_s,
         "step_s": sweep.step_s if sweep else 0.0,
         "interrupted": interrupted,
+        "error": error,
         "restored": restored,
         "recommended": asdict(chosen) if chosen else None,
         "default": asdict(default_best) if default_best else None,

@@ -29,7 +29,12 @@ _HAPROXY_DIR = Path(tempfile.mkdtemp(prefix="sa-t", dir="/tmp"))
 _HTTP_PORT = processes.free_port()
 os.environ.update(processes.FAST_PATH_ENV)
 os.environ.update(
-    processes.haproxy_env(_HAPROXY_DIR, stats_port=processes.free_port(), metrics_port=processes.free_port())
+    processes.haproxy_env(
+        _HAPROXY_DIR,
+        stats_port=processes.free_port(),
+        metrics_port=processes.free_port(),
+        fallback_proxy_port=processes.free_port(),
+    )
 )
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
