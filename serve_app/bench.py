@@ -7,8 +7,9 @@ One run trains a model into a temporary store and serves that same model file fr
 - `serve_app`: configs/local.yaml (port and store changed) on a fresh local Ray started by
   `ray start --block` with the fast path of `make run` (HAProxy ingress, throughput mode).
 
-Each server is measured alone on the machine (baselines first, then Ray is started) with
-the same client and payloads: one row at 1/32/128 connections, 256-row JSON requests, V2
+All three run for the whole bench and are measured workload by workload, one server after
+the other, so other work on the machine weighs on each alike (an idle Ray costs a few per
+cent of a core while the baselines are measured). Same client, same payloads: one row at 1/32/128 connections, 256-row JSON requests, V2
 binary 4,096-row requests (serve_app only) and Ray handle calls from a driver attached to
 the bench's Ray. The table (Markdown and JSON) and a PNG plot go to `--out`. Everything
 the bench starts is ended by pid, HAProxy included, and every port is a free one.
@@ -714,44 +715,47 @@ def run(options: BenchOptions) -> dict[str, Any]:
         loads = workloads(lambda rows: np.asarray(model.predict(rows)))
         log.done(f"v{manifest.version} {manifest.estimator.rsplit('.', 1)[-1]}, {model_file.name}")
 
-        def drive(server: Server) -> None:
-            mine = [w for w in loads if server.name in w.servers]
-            run_load(server.base_url + mine[0].path, mine[0].body, mine[0].headers, connections=32,
-                     duration_s=warmup, generator=generator)
-            for w in mine:
-                log(f"{server.name}: {w.title} for {duration:g}s")
-                row = measure_http(server, w, duration, generator)
-                results.append(row)
-                failed = row["errors"] + row["timeouts"] + row["non_2xx"]
-                log.done(f"{row['req_s']:,.0f} req/s, p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms"
-                         + (f", {failed} FAILED" if failed else ""))
-
-        for name in ("flask", "starlette"):
-            if name not in options.servers:
-                continue
-            log(f"starting the {name} baseline")
-            server = start_baseline(name, model_file, work_dir, loads[0])
-            log.done(f"{name} on {server.base_url}")
-            try:
-                drive(server)
-            finally:
-                server.stop()
-
-        if APP_NAME in options.servers:
-            log(f"starting Ray and deploying {options.config} (fast path: HAProxy, throughput-optimized)")
-            ray_dep = RayDeployment(options.config, store.root, work_dir, log)
-            try:
+        servers: dict[str, Server] = {}
+        ray_dep: RayDeployment | None = None
+        try:
+            for name in ("flask", "starlette"):
+                if name in options.servers:
+                    log(f"starting the {name} baseline")
+                    servers[name] = start_baseline(name, model_file, work_dir, loads[0])
+                    log.done(f"{name} on {servers[name].base_url}")
+            if APP_NAME in options.servers:
+                log(f"starting Ray and deploying {options.config} (fast path: HAProxy, throughput-optimized)")
+                ray_dep = RayDeployment(options.config, store.root, work_dir, log)
                 ray_dep.start()
-                server = Server(APP_NAME, ray_dep.base_url)
-                wait_answering(server.base_url + loads[0].path, loads[0].body, loads[0].headers, 120)
+                servers[APP_NAME] = Server(APP_NAME, ray_dep.base_url)
+                wait_answering(ray_dep.base_url + loads[0].path, loads[0].body, loads[0].headers, 120)
                 memory["idle"] = ray_dep.memory()
-                log.done(f"serving on {server.base_url}; {memory['idle']['rss_mib']:,.0f} MiB RSS")
-                drive(server)
+                log.done(f"serving on {ray_dep.base_url}; {memory['idle']['rss_mib']:,.0f} MiB RSS")
+            for server in servers.values():
+                run_load(server.base_url + loads[0].path, loads[0].body, loads[0].headers, connections=32,
+                         duration_s=warmup, generator=generator)
+            # Workload by workload, the servers one after another: whatever else the machine
+            # does at that moment weighs on all of them alike, so the ratios stay fair.
+            for w in loads:
+                for name in SERVERS:
+                    if name not in servers or name not in w.servers:
+                        continue
+                    log(f"{name}: {w.title} for {duration:g}s")
+                    row = measure_http(servers[name], w, duration, generator)
+                    results.append(row)
+                    failed = row["errors"] + row["timeouts"] + row["non_2xx"]
+                    log.done(f"{row['req_s']:,.0f} req/s, p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms"
+                             + (f", {failed} FAILED" if failed else ""))
+            if ray_dep is not None:
                 results += measure_handles(((1, 1), (1, 32), (256, 8)), duration, log)
                 memory["after load"] = ray_dep.memory()
                 if options.soak_s > 0:
-                    soak = run_soak(server, loads[1], ray_dep, options.soak_s, generator, log)
-            finally:
+                    soak = run_soak(servers[APP_NAME], loads[1], ray_dep, options.soak_s, generator, log)
+        finally:
+            for name in ("flask", "starlette"):
+                if name in servers:
+                    servers[name].stop()
+            if ray_dep is not None:
                 log("stopping Ray and HAProxy (by pid)")
                 ray_dep.stop()
                 ended, port = sorted(ray_dep.seen), ray_dep.http_port

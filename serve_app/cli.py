@@ -235,7 +235,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         out=Path(args.out), quick=args.quick, duration_s=args.duration, config=Path(args.config),
         servers=servers, generator=args.loadgen, soak_s=args.soak,
     ))
-    failed = sum(r["errors"] + r["timeouts"] + r["non_2xx"] for r in report["results"])
+    # serve_app's failures fail the run; a baseline's (Starlette times out at c=128) are findings.
+    failed = sum(r["errors"] + r["timeouts"] + r["non_2xx"] for r in report["results"] if r["server"] == "serve_app")
     return 1 if failed else 0
 
 

@@ -131,6 +131,16 @@ def openapi_document(model: str) -> dict[str, Any]:
         "info": {"title": "serve_app", "version": "1", "description": f"Predictions from the scikit-learn model {model!r}."},
         "paths": {
             "/predict": _post("Predict (the seed's contract)", seed_request, seed_response, 400, 401, 404, 413, 415, 422, 503),
+            "/predict/stream": {
+                "post": {
+                    "summary": "Stream predictions: NDJSON rows in (chunked), NDJSON predictions out as each line arrives",
+                    "requestBody": {"required": True, "content": {"application/x-ndjson": {"schema": {"type": "string"}}}},
+                    "responses": {
+                        "200": {"description": "One JSON line per input line: a prediction, or an error naming the line", "content": {"application/x-ndjson": {"schema": {"type": "string"}}}},
+                        **_errors(400, 401, 404, 413, 415, 422, 503),
+                    },
+                }
+            },
             "/v1/models/{name}:predict": _with([NAME], _post("Predict (KServe V1)", v1_request, v1_response, 400, 401, 404, 413, 415, 422, 503)),
             "/v1/models/{name}": _with([NAME], _get("Model status (KServe V1)", ready, 404)),
             "/v2": _get("Server metadata", {"type": "object"}),

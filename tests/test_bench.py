@@ -47,7 +47,9 @@ def test_bench_quick_smoke(tmp_path: Path) -> None:
     assert expected <= set(rows), sorted(expected - set(rows))
     for key, row in rows.items():
         assert row["requests"] > 0, key
-        assert row["errors"] == row["timeouts"] == row["non_2xx"] == 0, (key, row)
+        assert row["errors"] == row["non_2xx"] == 0, (key, row)
+        if key[0] == "serve_app":  # a baseline may answer a request after wrk's 5 s timeout
+            assert row["timeouts"] == 0, (key, row)
     assert rows[("serve_app", "row1_c32")]["x_starlette_req_s"] > 0  # ratios are computed, whatever they are
     assert report["generator"].startswith("wrk" if wrk_path() else "python")
     assert report["memory"]["idle"]["rss_mib"] > 0 and report["memory"]["idle"]["haproxy_processes"] >= 1

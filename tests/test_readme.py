@@ -197,6 +197,62 @@ def test_training_and_rollout_commands_run(running: MakeRun) -> None:
     assert status["replicas"] and all(r["routing"]["default"] == "1" and r["routing"]["canary"] is None for r in status["replicas"])
 
 
+# Sections whose commands take minutes or a cluster of their own: the test that runs each.
+COVERED_ELSEWHERE = {
+    "## Performance and tuning": {"make bench": "tests/test_bench.py", "serve-app tune": "tests/test_tune.py"},
+}
+RUN_HERE = (
+    "## Quick start", "## Ask it for predictions", "## From Python", "## Train and manage versions",
+    "## Monitoring", "## Cluster, batch jobs, streaming",
+)
+
+
+def test_every_readme_command_is_run_by_a_test() -> None:
+    for title in re.findall(r"^## .+$", README, flags=re.M):
+        blocks = blocks_in(title, "bash") + blocks_in(title, "python")
+        if not blocks:
+            continue
+        if title in RUN_HERE:
+            continue
+        assert title in COVERED_ELSEWHERE, f"README section {title!r} has commands no test runs"
+        for block in blocks_in(title, "bash"):
+            for command, _ in commands_with_answers(block):
+                prefix = next(p for p in COVERED_ELSEWHERE[title] if command.startswith(p))
+                test_file = ROOT / COVERED_ELSEWHERE[title][prefix]
+                subcommand = prefix.split()[-1]
+                assert f'"{subcommand}"' in test_file.read_text(), (command, test_file)
+
+
+def test_monitoring_commands_run(running: MakeRun) -> None:
+    block = blocks_in("## Monitoring", "bash")[0]
+    commands = [c for c, _ in commands_with_answers(block)]
+    first = shell(commands[0], running.repo)
+    request_id = re.search(r"^x-request-id: (\S+)", first.stdout, flags=re.M | re.I)
+    assert request_id, first.stdout
+    for command in commands[1:]:
+        result = shell(command.replace("<x-request-id>", request_id.group(1)), running.repo)
+        assert result.returncode == 0, (command, result.stdout, result.stderr)
+        if command.startswith("curl"):
+            assert "error" not in json.loads(result.stdout), (command, result.stdout)
+    assert (running.repo / "report.html").stat().st_size > 10_000
+    assert (running.repo / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_batch_command_runs(running: MakeRun) -> None:
+    block = blocks_in("## Cluster, batch jobs, streaming", "bash")[0]
+    (command,) = [c for c, _ in commands_with_answers(block)]
+    rows = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3], [5.9, 3.0, 4.2, 1.5]] * 100
+    (running.repo / "rows.csv").write_text("\n".join(",".join(map(str, r)) for r in rows) + "\n")
+    # On the cluster `make run` started, as a driver attached to it would.
+    result = shell(command, running.repo, RAY_ADDRESS=running.ray_address())
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    import pandas as pd
+
+    predictions = pd.read_parquet(running.repo / "predictions.parquet")
+    assert len(predictions) == 300
+    assert sorted(predictions["prediction"].unique().tolist()) == [0, 1, 2]
+
+
 def test_serve_build_makes_a_config(running: MakeRun, tmp_path: Path) -> None:
     result = shell(f"serve build serve_app.app:build_app -o {tmp_path / 'built.yaml'}", running.repo)
     assert result.returncode == 0, result.stderr
