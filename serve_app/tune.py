@@ -510,7 +510,8 @@ def run(options: TuneOptions) -> dict[str, Any]:
         generator = "wrk" if wrk_path() else "python"
     options.out.mkdir(parents=True, exist_ok=True)
     started = _Started()
-    previous_handlers = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM,)}
+    # SIGINT too: a shell starting us in the background (no job control) leaves it ignored.
+    previous_handlers = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     interrupted = False
     error = ""
     restored = ""
