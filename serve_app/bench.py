@@ -51,13 +51,14 @@ MODEL_NAME = "iris"
 class Progress:
     """One line per stage, with the time since the bench started and the stage's length."""
 
-    def __init__(self) -> None:
+    def __init__(self, tool: str = "bench") -> None:
+        self.tool = tool
         self.start = time.monotonic()
         self.stage_start = self.start
 
     def __call__(self, message: str) -> None:
         now = time.monotonic()
-        print(f"[bench {now - self.start:6.1f}s] {message}", flush=True)
+        print(f"[{self.tool} {now - self.start:6.1f}s] {message}", flush=True)
         self.stage_start = now
 
     def done(self, message: str) -> None:

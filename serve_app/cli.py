@@ -40,14 +40,43 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
+def traffic_shares(user_config: dict[str, Any], resolve: Callable[[str], str]) -> dict[str, str]:
+    """What each version gets under a deployment's user_config, e.g. {"1": "90%", "2": "10%"}."""
+    default = resolve(str(user_config.get("version", DEFAULT_ALIAS)))
+    shares = {default: "100%"}
+    canary = user_config.get("canary") or {}
+    if canary.get("weight"):
+        candidate = resolve(str(canary["version"]))
+        shares = {default: f"{1 - canary['weight']:.0%}", candidate: f"{canary['weight']:.0%}"}
+    shadow = user_config.get("shadow") or {}
+    if shadow.get("version"):
+        mirrored = resolve(str(shadow["version"]))
+        shares[mirrored] = (shares.get(mirrored, "") + f" shadow {shadow.get('fraction', 1.0):.0%}").strip()
+    return shares
+
+
+def _live_traffic(args: argparse.Namespace, store: ModelStore) -> tuple[str | None, dict[str, str]]:
+    """The running app's model name and traffic shares by version, if a cluster answers."""
+    if not getattr(args, "address", None):
+        return None, {}
+    from serve_app import rollout
+
+    target = _target(args)
+    name = rollout.model_name(target)
+    return name, traffic_shares(rollout.current_user_config(target), lambda ref: store.resolve(name, ref))
+
+
 def cmd_models_list(args: argparse.Namespace) -> int:
     store = _store(args)
+    live_model, shares = _live_traffic(args, store)
     entries: list[dict[str, Any]] = []
     for name in store.names():
         aliases = store.aliases(name)
         for version in store.versions(name):
             manifest = store.manifest(name, version)
+            traffic = {"traffic": shares.get(version, "") if name == live_model else ""} if live_model else {}
             entries.append({
+                **traffic,
                 "name": name,
                 "version": version,
                 "aliases": sorted(a for a, v in aliases.items() if v == version),
@@ -63,10 +92,12 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     if not entries:
         print(f"no models in {store.root}; train one with: serve-app train --store {store.root}")
         return 0
-    rows = [["NAME", "VERSION", "ALIASES", "ESTIMATOR", "DATASET", "FORMAT", "METRICS", "CREATED"]]
+    live = live_model is not None  # the TRAFFIC column only when a running app was asked
+    rows = [["NAME", "VERSION", "ALIASES", *(["TRAFFIC"] if live else []), "ESTIMATOR", "DATASET", "FORMAT", "METRICS", "CREATED"]]
     for e in entries:
         metrics = " ".join(f"{k}={v:.3f}" for k, v in e["metrics"].items())
-        rows.append([e["name"], e["version"], ",".join(e["aliases"]), e["estimator"], e["dataset"], e["format"], metrics, e["created_at"]])
+        traffic = [e["traffic"]] if live else []
+        rows.append([e["name"], e["version"], ",".join(e["aliases"]), *traffic, e["estimator"], e["dataset"], e["format"], metrics, e["created_at"]])
     print(_table(rows))
     return 0
 
@@ -295,8 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", help="list, inspect, promote and roll back stored versions")
     sub = models.add_subparsers(dest="models_command", required=True)
-    listing = with_store(sub.add_parser("list", help="names, versions, aliases, metrics"))
+    listing = with_store(sub.add_parser("list", help="names, versions, aliases, live traffic shares, metrics"))
     listing.add_argument("--json", action="store_true")
+    listing.add_argument("--address", default=None, help="a running cluster's dashboard: adds each version's traffic share")
+    listing.add_argument("--app", default="serve_app", help="application name in the Serve config")
+    listing.add_argument("--url", default=None)
     listing.set_defaults(func=cmd_models_list)
     show = with_store(sub.add_parser("show", help="a version's manifest"))
     show.add_argument("name")

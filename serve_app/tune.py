@@ -34,13 +34,16 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import httpx
 import yaml
 
 from serve_app import ops
 from serve_app.loadgen import run_load, wrk_path
+
+if TYPE_CHECKING:
+    from serve_app.bench import Progress
 
 REPO = Path(__file__).resolve().parent.parent
 SETTLE_TIMEOUT_S = 180.0  # a redeploy on a busy 2-core machine has taken a minute
@@ -51,20 +54,6 @@ IRIS_ROW = [5.1, 3.5, 1.4, 0.2]
 GUESS_LIVE_S = 3.0
 GUESS_REDEPLOY_S = 15.0
 STEP_OVERHEAD_S = 0.8  # starting wrk, its preflight request, reading its result
-
-
-class Log:
-    def __init__(self) -> None:
-        self.start = time.monotonic()
-        self.stage_start = self.start
-
-    def __call__(self, message: str) -> None:
-        now = time.monotonic()
-        print(f"[tune {now - self.start:6.1f}s] {message}", flush=True)
-        self.stage_start = now
-
-    def done(self, message: str) -> None:
-        self(f"  {message} ({time.monotonic() - self.stage_start:.1f}s)")
 
 
 # ---- settings ---------------------------------------------------------------------------------
@@ -244,7 +233,7 @@ class Sweep:
     ladder: tuple[int, ...]
     step_s: float
     deadline: float
-    log: Log
+    log: Progress
     generator: str
     expected: Any = None  # the model's answer to IRIS_ROW, when the model is at hand
     default: Setting | None = None
@@ -501,9 +490,9 @@ def _plan(default: Setting, options: TuneOptions) -> Iterator[tuple[str, Setting
 
 
 def run(options: TuneOptions) -> dict[str, Any]:
-    from serve_app.bench import MODEL_NAME, RayDeployment, _machine
+    from serve_app.bench import MODEL_NAME, Progress, RayDeployment, _machine
 
-    log = Log()
+    log = Progress("tune")
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     generator = options.generator
     if generator == "auto":

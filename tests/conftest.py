@@ -52,10 +52,20 @@ def store(tmp_path: Path) -> ModelStore:
     return ModelStore(tmp_path / "models")
 
 
-@pytest.fixture
-def iris_store(store: ModelStore) -> ModelStore:
-    """A store with iris v1 (the default LogisticRegression), aliased production."""
+@pytest.fixture(scope="session")
+def trained_iris(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store root holding iris v1, trained once per session (copy it, never change it)."""
+    store = ModelStore(tmp_path_factory.mktemp("iris") / "models")
     train(store)
+    return store.root
+
+
+@pytest.fixture
+def iris_store(store: ModelStore, trained_iris: Path) -> ModelStore:
+    """A store with iris v1 (the default LogisticRegression), aliased production."""
+    import shutil
+
+    shutil.copytree(trained_iris, store.root)
     return store
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,20 +24,6 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
-
-
-@pytest.fixture(scope="module")
-def trained_iris(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    store = ModelStore(tmp_path_factory.mktemp("iris") / "models")
-    train(store)
-    return store.root
-
-
-@pytest.fixture
-def iris_store(store: ModelStore, trained_iris: Path) -> ModelStore:
-    """iris v1 (production), trained once per module and copied."""
-    shutil.copytree(trained_iris, store.root)
-    return store
 
 
 def assert_one_line_error(code: int, out: str, err: str, *fragments: str) -> None:

@@ -27,6 +27,9 @@ pytestmark = pytest.mark.ray
 
 EXAMPLES = {GenerationMode.POSITIVE: 25, GenerationMode.NEGATIVE: 15}
 
+# /predict/stream takes NDJSON, a text body: send it the way schemathesis sends text/plain.
+schemathesis.serializer.alias("application/x-ndjson", "text/plain")
+
 
 def _has_invalid_input(item: dict[str, Any], operation: dict[str, Any]) -> bool:
     """Whether any input can break the schema: a body, or a parameter narrower than

@@ -5,8 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,7 +16,7 @@ from serve_app import Predictor
 from serve_app.errors import InvalidInput, ModelLoadError, NotFound, PayloadTooLarge, ServeAppError
 from serve_app.manifest import MANIFEST_FILENAME
 from serve_app.store import ModelStore
-from serve_app.training import save_fitted, train
+from serve_app.training import save_fitted
 
 from .conftest import IRIS_ROWS, fit_dummy
 
@@ -35,20 +33,6 @@ def _edit_manifest(store: ModelStore, name: str, version: str, **changes: Any) -
 
 def _random_rows(rng: np.random.Generator, n: int, n_features: int, scale: float = 3.0) -> np.ndarray:
     return rng.normal(loc=3.0, scale=scale, size=(n, n_features))
-
-
-@pytest.fixture(scope="module")
-def trained_iris(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    store = ModelStore(tmp_path_factory.mktemp("iris") / "models")
-    train(store)
-    return store.root
-
-
-@pytest.fixture
-def iris_store(store: ModelStore, trained_iris: Path) -> ModelStore:
-    """conftest's iris_store (iris v1, production), trained once per module and copied."""
-    shutil.copytree(trained_iris, store.root)
-    return store
 
 
 # ---- loading --------------------------------------------------------------------------------

@@ -107,8 +107,10 @@ class MakeRun:
             except OSError:
                 continue
             if argv and argv[0].endswith(b"gcs_server"):
-                args = dict(a.decode().lstrip("-").split("=", 1) for a in argv[1:] if b"=" in a)
-                return f"{args['node_ip_address']}:{args['gcs_server_port']}"
+                args = dict(a.decode().lstrip("-").replace("_", "-").split("=", 1) for a in argv[1:] if b"=" in a)
+                # It picks its port at start (--gcs_server_port=0) and writes it in the session dir.
+                port = (Path(args["session-dir"]) / f"gcs_server_port_{args['node-id']}").read_text().strip()
+                return f"{args['node-ip-address']}:{port}"
         raise AssertionError("no gcs_server under make run")
 
     def stop(self) -> str:
@@ -203,7 +205,7 @@ COVERED_ELSEWHERE = {
 }
 RUN_HERE = (
     "## Quick start", "## Ask it for predictions", "## From Python", "## Train and manage versions",
-    "## Monitoring", "## Cluster, batch jobs, streaming",
+    "## Monitoring", "## Cluster, batch jobs, streaming", "## Configs",
 )
 
 
@@ -254,9 +256,13 @@ def test_batch_command_runs(running: MakeRun) -> None:
 
 
 def test_serve_build_makes_a_config(running: MakeRun, tmp_path: Path) -> None:
-    result = shell(f"serve build serve_app.app:build_app -o {tmp_path / 'built.yaml'}", running.repo)
+    block = blocks_in("## Configs", "bash")[0]
+    (command,) = [c for c, _ in commands_with_answers(block)]
+    result = shell(command.replace("config.yaml", str(tmp_path / "built.yaml")), running.repo)
     assert result.returncode == 0, result.stderr
-    assert "serve_app.app:build_app" in (tmp_path / "built.yaml").read_text()
+    assert "serve_app.default_app:app" in (tmp_path / "built.yaml").read_text()
+    status = shell("serve status", running.repo)  # Ray's own CLI, against make run's cluster
+    assert status.returncode == 0 and "serve_app" in status.stdout and "RUNNING" in status.stdout, status
 
 
 def test_make_run_twice_in_a_row(repo: Path, running: MakeRun) -> None:

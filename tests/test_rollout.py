@@ -41,12 +41,15 @@ class SteadyLoad:
     def _run(self) -> None:
         with httpx.Client(timeout=10) as client:
             while not self._stop.is_set():
+                # Stamped when sent: a request sent before a switch may rightly be answered
+                # by the old version after the switch completes.
+                sent = time.monotonic()
                 try:
                     reply = client.post(self.url, json={"features": IRIS_ROWS[1]}, headers=self.headers)
                     version = reply.json().get("version") if reply.status_code == 200 else None
-                    self.records.append((time.monotonic(), reply.status_code, version))
+                    self.records.append((sent, reply.status_code, version))
                 except httpx.HTTPError as exc:
-                    self.records.append((time.monotonic(), 0, repr(exc)))
+                    self.records.append((sent, 0, repr(exc)))
 
     def __enter__(self) -> "SteadyLoad":
         self._thread.start()
@@ -88,7 +91,7 @@ def versions_answering(load: SteadyLoad, start: float, at_least: int = 60) -> Co
     return Counter(version for _, _, version in load.since(start))
 
 
-def test_canary_promote_rollback_under_load(rollout_app: dict[str, Any]) -> None:
+def test_canary_promote_rollback_under_load(rollout_app: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
     store: ModelStore = rollout_app["store"]
     with SteadyLoad(f"{rollout_app['base']}/predict") as load:
         time.sleep(1)
@@ -98,6 +101,10 @@ def test_canary_promote_rollback_under_load(rollout_app: dict[str, Any]) -> None
         ten = versions_answering(load, time.monotonic(), at_least=400)
         assert set(ten) == {"1", "2"}
         assert 0.03 < ten["2"] / sum(ten.values()) < 0.2, ten
+        capsys.readouterr()
+        assert cli(rollout_app, "list") == 0
+        listing = {tuple(line.split()[:4]) for line in capsys.readouterr().out.splitlines()}
+        assert ("iris", "1", "production", "90%") in listing and ("iris", "2", "10%", "RandomForestClassifier") in listing, listing
 
         assert cli(rollout_app, "canary", "iris", "2", "--weight", "0.5") == 0
         half = versions_answering(load, time.monotonic(), at_least=400)
