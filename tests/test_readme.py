@@ -92,6 +92,7 @@ class MakeRun:
             try:
                 reply = httpx.post(f"http://127.0.0.1:{PORT}/predict", json={"features": [5.1, 3.5, 1.4, 0.2]}, timeout=5)
                 if reply.status_code == 200:
+                    self.first_answer = reply.json()
                     self.seen |= processes.descendants(self.proc.pid)
                     return self
             except httpx.HTTPError:
@@ -107,7 +108,8 @@ class MakeRun:
             except OSError:
                 continue
             if argv and argv[0].endswith(b"gcs_server"):
-                args = dict(a.decode().lstrip("-").replace("_", "-").split("=", 1) for a in argv[1:] if b"=" in a)
+                pairs = (a.decode().lstrip("-").split("=", 1) for a in argv[1:] if b"=" in a)
+                args = {key.replace("_", "-"): value for key, value in pairs}
                 # It picks its port at start (--gcs_server_port=0) and writes it in the session dir.
                 port = (Path(args["session-dir"]) / f"gcs_server_port_{args['node-id']}").read_text().strip()
                 return f"{args['node-ip-address']}:{port}"
@@ -269,7 +271,6 @@ def test_make_run_twice_in_a_row(repo: Path, running: MakeRun) -> None:
     # The module fixture's run is still up: Ctrl-C it here, then start a second one.
     running.assert_clean_stop()
     with MakeRun(repo) as second:
-        reply = httpx.post(f"http://127.0.0.1:{PORT}/predict", json={"features": [5.1, 3.5, 1.4, 0.2]})
-        assert reply.json()["prediction"] == 0
+        assert second.first_answer["prediction"] == 0
         assert "training the default one" not in second.log.read_text()  # the store kept v1
         second.assert_clean_stop()
