@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from serve_app import processes
 from serve_app.errors import ServeAppError
 from serve_app.settings import default_store
 from serve_app.store import DEFAULT_ALIAS, ModelStore
@@ -216,7 +217,8 @@ def cmd_models_status(args: argparse.Namespace) -> int:
 
     details = ops.details(args.address)
     base = rollout._http_base(details, _target(args))
-    replicas = rollout._running_replicas(details, args.app)
+    states = rollout._replica_states(details, args.app)
+    replicas = sum(1 for state in states.values() if state == "RUNNING")
     seen: dict[int, Any] = {}
     with httpx.Client(timeout=5) as client:
         for _ in range(max(10, 10 * replicas)):
@@ -426,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Before Ray reads its config: commands that reach a running cluster (models status,
+    # promote, batch on RAY_ADDRESS, ...) must send its token.
+    os.environ.update(processes.ray_token_auth_env())
     try:
         return int(args.func(args))
     except (ServeAppError, ValueError) as exc:

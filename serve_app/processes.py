@@ -30,6 +30,23 @@ FAST_PATH_ENV = {
 }
 
 
+def ray_token_auth_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """`RAY_AUTH_MODE=token` when a Ray token is at hand and the mode is not chosen yet.
+
+    Ray 2.60 turns token auth on for every local cluster it starts (`make run`'s included)
+    and writes the token to ~/.ray/auth_token, but a driver or CLI *attaching* to a running
+    cluster sends the token only if RAY_AUTH_MODE=token is set: otherwise the GCS answers
+    InvalidAuthToken and the dashboard 401. An explicit RAY_AUTH_MODE is left alone.
+    """
+    environ = os.environ if environ is None else environ
+    if "RAY_AUTH_MODE" in environ:
+        return {}
+    token_file = Path(environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if environ.get("RAY_AUTH_TOKEN") or token_file.is_file():
+        return {"RAY_AUTH_MODE": "token"}
+    return {}
+
+
 def _stat(pid: int) -> tuple[int, int] | None:
     """(parent pid, start time) of a live process, or None."""
     try:

@@ -40,10 +40,23 @@ def _http_base(details: Mapping[str, Any], target: Target) -> str:
     return f"http://{host}:{options.get('port', 8000)}{prefix}"
 
 
-def _running_replicas(details: Mapping[str, Any], app: str) -> int:
+# A replica in one of these states may still answer requests with what it served before.
+_LIVE_STATES = frozenset({"STARTING", "UPDATING", "RECOVERING", "RUNNING", "PENDING_MIGRATION"})
+
+
+def _replica_states(details: Mapping[str, Any], app: str) -> dict[int | None, str]:
+    """pid -> state of every replica that is or may soon be serving."""
     deployments = details.get("applications", {}).get(app, {}).get("deployments", {})
     replicas = deployments.get(ops.DEPLOYMENT_NAME, {}).get("replicas", [])
-    return sum(1 for r in replicas if r.get("state") == "RUNNING")
+    return {r.get("pid"): r.get("state") for r in replicas if r.get("state") in _LIVE_STATES}
+
+
+def _all_switched(states: Mapping[int | None, str], seen: Mapping[int, Mapping[str, Any]], expect: Callable[[Mapping[str, Any]], bool]) -> bool:
+    # Every live replica is RUNNING (an UPDATING one is still inside reconfigure and answers
+    # with its old routing) and has itself been seen to report the new routing.
+    return bool(states) and all(
+        state == "RUNNING" and pid in seen and expect(seen[pid]["routing"]) for pid, state in states.items()
+    )
 
 
 def current_user_config(target: Target) -> dict[str, Any]:
@@ -85,10 +98,9 @@ def apply(
             error = status.get("last_reconfigure_error")
             if error and not expect(status["routing"]):
                 raise RolloutRefused(f"replica pid {status['pid']} refused the change and keeps serving {status['routing']}: {error}")
-            replicas = _running_replicas(details, target.app)
-            done = [s for s in seen.values() if expect(s["routing"])]
-            if replicas and len(done) >= replicas and all(expect(s["routing"]) for s in seen.values()):
-                return seen
+            states = _replica_states(details, target.app)
+            if _all_switched(states, seen, expect):
+                return {pid: seen[pid] for pid in states if pid is not None}
             time.sleep(0.1)
     raise TimeoutError(f"not every replica switched within {timeout_s}s; last seen: {list(seen.values())}")
 

@@ -182,6 +182,62 @@ def test_dashboard_page_and_report_png(monitored: dict[str, Any], tmp_path: Path
     assert image[..., :3].std() > 0.05  # not a blank canvas
 
 
+def test_dashboard_renders_in_headless_chromium(monitored: dict[str, Any], tmp_path: Path) -> None:
+    """The page a person looks at, drawn by a real browser (Debian's chromium, `make test` installs it)."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+
+    import matplotlib.image
+
+    chromium = shutil.which("chromium")
+    assert chromium, "chromium is not installed: `make test` installs it (apt-get install chromium)"
+    url = monitored["url"]
+    _send_rows(url, IRIS.data[np.random.default_rng(5).integers(0, 150, 2 * WINDOW)])
+    ids = [f"render-{i}" for i in range(10)]
+    for rid in ids:
+        _predict(url, IRIS_ROWS, rid)
+    truth = [0, 2, 1]  # IRIS_ROWS: setosa, virginica, versicolor
+    reply = httpx.post(f"{url}/v2/models/iris/feedback", json=[{"request_id": r, "labels": truth} for r in ids], timeout=10)
+    assert reply.status_code == 200 and not reply.json()["rejected"], reply.text
+    wait_for(lambda: _drift(url)["rows"] >= 400, timeout_s=30, what="drift windows with enough rows")
+
+    page = httpx.get(f"{url}/dashboard", timeout=60)  # the fixture's app has no API key
+    assert page.status_code == 200 and "data:image/png;base64," in page.text
+    (tmp_path / "dashboard.html").write_text(page.text, encoding="utf-8")
+    shot = tmp_path / "page.png"
+    width, height = 1280, 2000
+    command = [
+        chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+        f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", f"--window-size={width},{height}",
+        (tmp_path / "dashboard.html").as_uri(),
+    ]
+    # Its own session, so whatever chromium leaves in its process group ends with it.
+    browser = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        _, stderr = browser.communicate(timeout=120)  # --screenshot exits by itself
+    finally:
+        try:
+            os.killpg(browser.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        browser.communicate()
+    assert browser.returncode == 0, stderr.decode(errors="replace")[-2000:]  # stderr: dbus warnings even on success
+
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = matplotlib.image.imread(shot)[..., :3]
+    assert image.shape == (height, width, 3)
+    colours = np.unique((image * 255).round().astype(np.uint8).reshape(-1, 3), axis=0)
+    assert len(colours) > 200, f"{len(colours)} distinct colours: a blank or text-only page"
+    # The embedded plots drew: their bars' colours cover many pixels, and rows with
+    # non-white pixels run down most of the plots' 1000 px height.
+    blue = np.abs(image - np.array([0x15, 0x65, 0xC0]) / 255).max(axis=2) < 0.05  # report.py's class-mix/route bars
+    assert blue.sum() > 5000, blue.sum()
+    inked_rows = (image < 0.9).any(axis=(1, 2))
+    assert inked_rows.mean() > 0.4, inked_rows.mean()
+
+
 def test_prediction_log_has_every_request_after_a_graceful_shutdown(ray_session: Any, session_store: Any, tmp_path: Path) -> None:
     # Flushes only every 60 s: the lines can only be on disk because shutdown wrote them.
     monitoring = {"log_dir": str(tmp_path), "flush_interval_s": 60}

@@ -86,12 +86,6 @@ def cli(app: dict[str, Any], *args: str) -> int:
     return main(["models", *args, "--store", str(app["store"].root), "--address", app["dashboard"], "--app", APP])
 
 
-# Requests sent in the first moments after a switch completed can still be answered by the
-# version before it (seen in ~1% of them in benchmarks/rollout_under_load.py; not yet
-# understood, see issue 5). They must still succeed; the version check starts after this.
-SETTLE_S = 2.0
-
-
 def versions_answering(load: SteadyLoad, start: float, at_least: int = 60) -> Counter[str | None]:
     wait_for(lambda: len(load.since(start)) >= at_least, what=f"{at_least} answers")
     return Counter(version for _, _, version in load.since(start))
@@ -118,11 +112,11 @@ def test_canary_promote_rollback_under_load(rollout_app: dict[str, Any], capsys:
 
         assert cli(rollout_app, "promote", "iris", "2") == 0
         assert store.aliases("iris")["production"] == "2"
-        assert set(versions_answering(load, time.monotonic() + SETTLE_S)) == {"2"}
+        assert set(versions_answering(load, time.monotonic())) == {"2"}
 
         assert cli(rollout_app, "rollback", "iris") == 0
         assert store.aliases("iris")["production"] == "1"
-        assert set(versions_answering(load, time.monotonic() + SETTLE_S)) == {"1"}
+        assert set(versions_answering(load, time.monotonic())) == {"1"}
 
     statuses = [code for _, code, _ in load.records]
     assert statuses and all(code == 200 for code in statuses), Counter(statuses)
