@@ -24,6 +24,7 @@ run: $(STAMP)
 	$(BIN)/serve-app run --config $(CONFIG)
 
 test: $(STAMP)
+	command -v chromium >/dev/null || (export DEBIAN_FRONTEND=noninteractive; apt-get install -y -qq chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null))
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # wrk is the load generator (Debian package); without it the bench falls back to a slower

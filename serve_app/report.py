@@ -31,7 +31,7 @@ def fetch(url: str, model: str = "iris", api_key: str | None = None, timeout_s: 
 def figure(summary: Mapping[str, Any]) -> Any:
     """One matplotlib Figure with the five panels (object API: safe off the main thread)."""
     from matplotlib.figure import Figure
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     fig = Figure(figsize=(13, 10), dpi=100, layout="constrained")
     grid = fig.add_gridspec(3, 2)
@@ -54,7 +54,7 @@ def figure(summary: Mapping[str, Any]) -> Any:
     ax.set_xlabel("minutes")
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(ScalarFormatter())
-    ax.yaxis.set_minor_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks pile up on a log axis
     ax.legend(loc="upper left")
     ax.grid(alpha=0.3, which="both")
 
@@ -139,7 +139,7 @@ def render_html(summary: Mapping[str, Any], source: str = "") -> str:
     generated = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(summary.get("generated_at", time.time())))
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>serve_app: {html.escape(str(summary.get('model')))}</title>
-<style>body{{font-family:sans-serif;margin:24px;color:#222}} table{{border-collapse:collapse}}
+<style>body{{font-family:sans-serif;margin:24px;color:#222}} img{{max-width:100%;height:auto}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 10px;text-align:left}} .kpi{{display:inline-block;margin-right:32px;font-size:18px}}</style>
 </head><body>
 <h1>serve_app monitoring: {html.escape(str(summary.get('model')))} ({html.escape(str(summary.get('app')))})</h1>

@@ -229,13 +229,13 @@ def test_dashboard_renders_in_headless_chromium(monitored: dict[str, Any], tmp_p
     image = matplotlib.image.imread(shot)[..., :3]
     assert image.shape == (height, width, 3)
     colours = np.unique((image * 255).round().astype(np.uint8).reshape(-1, 3), axis=0)
-    assert len(colours) > 200, f"{len(colours)} distinct colours: a blank or text-only page"
-    # The embedded plots drew: their bars' colours cover many pixels, and rows with
-    # non-white pixels run down most of the plots' 1000 px height.
-    blue = np.abs(image - np.array([0x15, 0x65, 0xC0]) / 255).max(axis=2) < 0.05  # report.py's class-mix/route bars
-    assert blue.sum() > 5000, blue.sum()
+    assert len(colours) > 100, f"{len(colours)} distinct colours: a blank page"
+    # The embedded plots drew, not just the text around them (measured: ~9% coloured pixels
+    # and ~58% of rows inked with the plots; 0.01% and 12% with the image left out).
+    coloured = (image.max(axis=2) - image.min(axis=2)) > 0.3
+    assert coloured.mean() > 0.02, f"{coloured.mean():.2%} of the pixels coloured: the plots are missing"
     inked_rows = (image < 0.9).any(axis=(1, 2))
-    assert inked_rows.mean() > 0.4, inked_rows.mean()
+    assert inked_rows.mean() > 0.4, f"{inked_rows.mean():.0%} of the rows inked: the plots are missing"
 
 
 def test_prediction_log_has_every_request_after_a_graceful_shutdown(ray_session: Any, session_store: Any, tmp_path: Path) -> None:

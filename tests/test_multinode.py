@@ -50,6 +50,9 @@ AUTOSCALING_FOR_TEST = {
     "upscale_delay_s": 1,
     "downscale_delay_s": 8,
     "look_back_period_s": 2,
+    # Replicas push their ongoing-request counts this often; Ray's default of 10 s would
+    # let the controller see a 10 s load step at most once.
+    "metrics_interval_s": 0.5,
 }
 
 
