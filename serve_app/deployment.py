@@ -22,7 +22,7 @@ import numpy as np
 from ray import serve
 
 from serve_app.errors import ServeAppError
-from serve_app.microbatch import MicroBatcher
+from serve_app.microbatch import BATCHERS
 from serve_app.monitoring import replica_monitor
 from serve_app.predictor import PREDICT, PREDICT_PROBA, Predictor
 from serve_app.service import ModelService
@@ -85,12 +85,11 @@ class ModelServer:
         self.runtime = RuntimeSettings()
         self.traffic = TrafficLedger()
         self.last_reconfigure_error: str | None = None
+        self.batches = {"batches": 0, "requests": 0}  # how well requests are grouped (status)
         self.monitor = replica_monitor(self.settings)  # None when args.monitoring.enabled is false
-        # Not @serve.batch: that cost 300-900 µs a request here (see serve_app/microbatch.py).
-        self._batcher: MicroBatcher[_BatchItem] = MicroBatcher(
-            self._predict_batch, _item_rows,
-            max_rows=self.runtime.max_batch_size, wait_s=self.runtime.batch_wait_timeout_s,
-        )
+        # MicroBatcher by default, not @serve.batch: that cost 300-900 µs a request here
+        # (see serve_app/microbatch.py); `user_config.batcher: serve` selects it.
+        self._batcher: Any = self._new_batcher(self.runtime)
 
     def reconfigure(self, user_config: Mapping[str, Any]) -> None:
         runtime = RuntimeSettings.model_validate(user_config or {})
@@ -105,13 +104,23 @@ class ModelServer:
             runtime = runtime.model_copy(update={"version": self.runtime.version, "canary": self.runtime.canary, "shadow": self.runtime.shadow})
         else:
             self.last_reconfigure_error = None
-        self._batcher.configure(max_rows=runtime.max_batch_size, wait_s=runtime.batch_wait_timeout_s)
+        if runtime.batcher != self.runtime.batcher:
+            self._batcher = self._new_batcher(runtime)  # a batch already queued in the old one still runs
+        else:
+            self._batcher.configure(max_rows=runtime.max_batch_size, wait_s=runtime.batch_wait_timeout_s)
         self.runtime = runtime
+
+    def _new_batcher(self, runtime: RuntimeSettings) -> Any:
+        return BATCHERS[runtime.batcher](
+            self._predict_batch, _item_rows, max_rows=runtime.max_batch_size, wait_s=runtime.batch_wait_timeout_s
+        )
 
     def check_health(self) -> None:
         self.service.default.check_health()
 
     def _predict_batch(self, items: Sequence[_BatchItem]) -> list[dict[str, np.ndarray]]:
+        self.batches["batches"] += 1
+        self.batches["requests"] += len(items)
         first = items[0].predictor
         if all(item.predictor is first for item in items):
             return self._run_timed(first, items)
@@ -206,6 +215,8 @@ class ModelServer:
             "loaded_versions": self.service.loaded_versions(),
             "max_batch_size": self.runtime.max_batch_size,
             "batch_wait_timeout_s": self.runtime.batch_wait_timeout_s,
+            "batcher": self.runtime.batcher,
+            "batches": dict(self.batches),
             "last_reconfigure_error": self.last_reconfigure_error,
             "monitor": self.monitor.stats() if self.monitor is not None else None,
         }

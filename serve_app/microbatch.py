@@ -18,7 +18,7 @@ raises, every request of that batch gets the exception.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable, Generic, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Generic, Sequence, TypeVar
 
 Item = TypeVar("Item")
 
@@ -82,3 +82,43 @@ class MicroBatcher(Generic[Item]):
         for future, result in zip(futures, results):
             if not future.done():  # a caller that went away (cancelled) gets nothing
                 future.set_result(result)
+
+
+class ServeBatcher(Generic[Item]):
+    """The same interface on Ray Serve's own `@serve.batch` (`user_config.batcher: serve`).
+
+    Batches are sized in rows (`batch_size_fn`), like MicroBatcher's, and `configure`
+    uses @serve.batch's live setters, so `reconfigure` changes them without a restart.
+    """
+
+    def __init__(
+        self,
+        run: Callable[[Sequence[Item]], Sequence[Any]],
+        size_of: Callable[[Item], int],
+        *,
+        max_rows: int,
+        wait_s: float = 0.0,
+    ) -> None:
+        from ray import serve
+
+        async def run_batch(items: list[Item]) -> list[Any]:
+            return list(run(items))
+
+        self._batched = serve.batch(
+            run_batch, max_batch_size=max_rows, batch_wait_timeout_s=wait_s,
+            batch_size_fn=lambda items: sum(size_of(item) for item in items),
+        )
+        self.max_rows = max_rows
+        self.wait_s = wait_s
+
+    def configure(self, *, max_rows: int, wait_s: float) -> None:
+        self._batched.set_max_batch_size(max_rows)
+        self._batched.set_batch_wait_timeout_s(wait_s)
+        self.max_rows = max_rows
+        self.wait_s = wait_s
+
+    def submit(self, item: Item) -> Awaitable[Any]:
+        return self._batched(item)
+
+
+BATCHERS: dict[str, Any] = {"micro": MicroBatcher, "serve": ServeBatcher}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -204,6 +204,11 @@ class RuntimeSettings(BaseModel):
     batch_wait_timeout_s: float = Field(default=0.0, ge=0.0, le=1.0)
     """How long a batch waits for more requests once the first arrived. 0 takes whatever
     is queued right now: no added latency when idle, full batches under load."""
+
+    batcher: Literal["micro", "serve"] = "micro"
+    """Which batcher groups requests: "micro" (serve_app/microbatch.py, a few µs a request)
+    or "serve" (Ray Serve's `@serve.batch`, 300-900 µs a request measured here). Both size
+    batches in rows and take the two settings above live."""
 
     canary: Optional[CanarySettings] = None
     """Split traffic between `version` and a candidate by weight (applied live)."""

@@ -211,6 +211,40 @@ def test_live_reconfigure_of_batching_without_restart(served: dict[str, Any]) ->
         wait_for(lambda: {s["max_batch_size"] for s in _replica_statuses(served)} == {256}, what="defaults back")
 
 
+def _every_replica(served: dict[str, Any], replicas: int = 2) -> dict[int, dict[str, int]]:
+    """pid -> batch counters of each replica (status calls until all have answered).
+
+    Over HTTP: HAProxy spreads calls over the replicas, while a handle's router may send
+    every one of a run of sequential calls to the same replica."""
+    seen: dict[int, dict[str, int]] = {}
+    for _ in range(200):
+        status = httpx.get(f"{served['base_url']}/admin/status").json()
+        seen[status["pid"]] = status["batches"]
+        if len(seen) == replicas:
+            return seen
+    raise AssertionError(f"only {len(seen)} of {replicas} replicas answered 200 status calls")
+
+
+def test_serve_batch_selected_live_batches_across_requests(served: dict[str, Any], expected: dict[str, np.ndarray]) -> None:
+    """`user_config.batcher: serve` swaps in Ray Serve's @serve.batch without a restart."""
+    pids = {s["pid"] for s in _replica_statuses(served)}
+    _redeploy(served, {"batcher": "serve", "max_batch_size": 32, "batch_wait_timeout_s": 0.005})
+    try:
+        wait_for(lambda: all(s["batcher"] == "serve" for s in _replica_statuses(served)), what="every replica on @serve.batch")
+        before = _every_replica(served)
+        # 96 concurrent one-row calls: with a 5 ms wait, @serve.batch groups them.
+        responses = [served["handle"].predict.remote([row]) for row in IRIS_ROWS * 32]
+        assert [r.result().tolist()[0] for r in responses] == expected["predict"].tolist() * 32
+        after = _every_replica(served)
+        assert set(after) == set(before) == pids, "replicas were restarted"
+        batches = sum(after[p]["batches"] - before[p]["batches"] for p in after)
+        requests = sum(after[p]["requests"] - before[p]["requests"] for p in after)
+        assert requests >= 96 and batches < requests / 2, (batches, requests)
+    finally:
+        _redeploy(served, {})
+        wait_for(lambda: all(s["batcher"] == "micro" for s in _replica_statuses(served)), what="the default batcher back")
+
+
 def test_standard_v2_client_in_default_binary_mode(served: dict[str, Any], expected: dict[str, np.ndarray]) -> None:
     """Triton's own HTTP client, unmodified: binary tensors in and out (its default)."""
     import tritonclient.http as triton
