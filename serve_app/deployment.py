@@ -163,7 +163,11 @@ class ModelServer:
             array = predictor.validate(rows)
             item = _BatchItem(predictor, array, outputs)
             if len(array) > self.runtime.max_batch_size:
-                result = self._run_timed(predictor, [item])[0]  # already a full batch on its own
+                # Already a full batch on its own. Off the event loop: there it would keep
+                # every other request waiting uncounted (Ray Serve counts a direct-ingress
+                # request as ongoing only once the loop gets to it), so the autoscaler saw
+                # ~0 ongoing requests under heavy load and never scaled up.
+                result = (await asyncio.to_thread(self._run_timed, predictor, [item]))[0]
             else:
                 result = await self._batcher.submit(item)
         except ServeAppError:

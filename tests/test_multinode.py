@@ -47,12 +47,14 @@ SHARED_MOUNT = "/mnt/"
 # client can exceed (64 ongoing requests per replica needs hundreds of concurrent clients).
 AUTOSCALING_FOR_TEST = {
     "target_ongoing_requests": 2,
-    "upscale_delay_s": 1,
-    "downscale_delay_s": 8,
-    "look_back_period_s": 2,
+    "upscale_delay_s": 3,
+    # Above the 15-25 s a new replica takes to start on this loaded 2-core machine: a
+    # shorter delay scales down while the new replicas are still starting.
+    "downscale_delay_s": 20,
+    "look_back_period_s": 5,
     # Replicas push their ongoing-request counts this often; Ray's default of 10 s would
     # let the controller see a 10 s load step at most once.
-    "metrics_interval_s": 0.5,
+    "metrics_interval_s": 1,
 }
 
 
@@ -255,16 +257,16 @@ async def post_with_retries(http: httpx.AsyncClient, load: Load, url: str, deadl
         delay = min(delay * 2, 1.0)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known open problem (issue 7): under this load the autoscaler's target stayed at "
-    "min_replicas on the HAProxy direct-ingress path; not yet understood",
-)
 def test_autoscaling_up_under_load_and_back_down(cluster: dict[str, Any], tmp_path: Path) -> None:
     local: LocalCluster = cluster["local"]
     config = copy.deepcopy(cluster["config"])
-    scaling = config["applications"][0]["deployments"][0]["autoscaling_config"]
+    deployment = config["applications"][0]["deployments"][0]
+    scaling = deployment["autoscaling_config"]
     scaling.update(AUTOSCALING_FOR_TEST)
+    # The 100-tree forest: ~10x the model work of the default per row, so requests pile up
+    # at the replicas (what the autoscaler counts) rather than in this Python client.
+    forest = train(cluster["store"], estimator="random_forest")
+    deployment["user_config"] = {**deployment.get("user_config", {}), "version": forest.version}
     path = local.root / "cluster-autoscaling.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     assert local.serve("deploy", str(path)).returncode == 0
@@ -293,9 +295,15 @@ def test_autoscaling_up_under_load_and_back_down(cluster: dict[str, Any], tmp_pa
             for _ in range(10):
                 time.sleep(1)
                 done, t = sample(load, done, t)
+        # New replicas take 30-50 s to start on a 2-core machine running three Ray nodes:
+        # the top load stays on until they run (or a bound).
+        deadline = time.monotonic() + 120
+        while record[-1][3] <= low and time.monotonic() < deadline:
+            time.sleep(1)
+            done, t = sample(load, done, t)
         peak = max(r[3] for r in record)
         load.concurrency = 0  # load stops
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 150
         while time.monotonic() < deadline:
             time.sleep(1)
             done, t = sample(load, done, t)
