@@ -257,6 +257,33 @@ async def post_with_retries(http: httpx.AsyncClient, load: Load, url: str, deadl
         delay = min(delay * 2, 1.0)
 
 
+def test_worker_node_killed_under_load_without_failed_requests(cluster: dict[str, Any]) -> None:
+    local: LocalCluster = cluster["local"]
+    # Back to the config as written (min 2 replicas), so both workers hold replicas.
+    assert local.serve("deploy", str(cluster["path"])).returncode == 0
+    ops.wait_until_running("serve_app", local.dashboard, timeout_s=120)
+    wait_for(lambda: len({r["node_id"] for r in replicas(local)}) >= 2, 120, what="replicas on both workers")
+    by_node = {r["node_id"] for r in replicas(local)}
+    victim = local.nodes[-1]  # worker2
+    url = f"http://127.0.0.1:{local.head_http_port}/predict"
+    with Load(url) as load:
+        load.concurrency = 8
+        wait_for(lambda: load.done > 200, 60, what="load to flow")
+        before = load.done
+        killed = local.kill_node(victim.name)
+        print(f"\nkilled {victim.name}: {len(killed)} processes (raylet, workers, HAProxy) by SIGKILL")
+        wait_for(lambda: len(local.alive_nodes()) == 2, 120, what="the GCS to mark the node dead")
+        wait_for(lambda: load.done > before + 2000, 120, what="2000 more requests after the kill")
+    print(f"requests: {load.done} ok, {load.failed} failed, {load.retries} retries")
+    assert load.failed == 0
+    assert load.done > before + 2000
+    survivors = wait_for(lambda: replicas(local) if len(replicas(local)) >= 2 else None, 120, what="2 replicas again")
+    alive = {n["node_id"] for n in local.alive_nodes()}
+    assert {r["node_id"] for r in survivors} <= alive
+    assert len(by_node) >= 2
+
+
+# Last: it leaves replicas wherever scaling down put them (possibly all on one worker).
 def test_autoscaling_up_under_load_and_back_down(cluster: dict[str, Any], tmp_path: Path) -> None:
     local: LocalCluster = cluster["local"]
     config = copy.deepcopy(cluster["config"])
@@ -343,29 +370,3 @@ def _plot(record: list[tuple[float, int, int, int, float]], path: Path) -> None:
 
 
 # ---- a worker node dies under load ---------------------------------------------------------
-
-
-def test_worker_node_killed_under_load_without_failed_requests(cluster: dict[str, Any]) -> None:
-    local: LocalCluster = cluster["local"]
-    # Back to the config as written (min 2 replicas), so both workers hold replicas.
-    assert local.serve("deploy", str(cluster["path"])).returncode == 0
-    ops.wait_until_running("serve_app", local.dashboard, timeout_s=120)
-    wait_for(lambda: len({r["node_id"] for r in replicas(local)}) >= 2, 120, what="replicas on both workers")
-    by_node = {r["node_id"] for r in replicas(local)}
-    victim = local.nodes[-1]  # worker2
-    url = f"http://127.0.0.1:{local.head_http_port}/predict"
-    with Load(url) as load:
-        load.concurrency = 8
-        wait_for(lambda: load.done > 200, 60, what="load to flow")
-        before = load.done
-        killed = local.kill_node(victim.name)
-        print(f"\nkilled {victim.name}: {len(killed)} processes (raylet, workers, HAProxy) by SIGKILL")
-        wait_for(lambda: len(local.alive_nodes()) == 2, 120, what="the GCS to mark the node dead")
-        wait_for(lambda: load.done > before + 2000, 120, what="2000 more requests after the kill")
-    print(f"requests: {load.done} ok, {load.failed} failed, {load.retries} retries")
-    assert load.failed == 0
-    assert load.done > before + 2000
-    survivors = wait_for(lambda: replicas(local) if len(replicas(local)) >= 2 else None, 120, what="2 replicas again")
-    alive = {n["node_id"] for n in local.alive_nodes()}
-    assert {r["node_id"] for r in survivors} <= alive
-    assert len(by_node) >= 2
