@@ -592,6 +592,10 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", f"Soak: {s['seconds']:.0f} s at c={s['connections']} ({s['req_s']:,.0f} req/s, "
                   f"{s['failed']} failed): PSS {s['pss_before_mib']:,.0f} -> {s['pss_after_mib']:,.0f} MiB "
                   f"({s['growth_pct']:+.1f}%)"]
+        if s.get("windows"):
+            lines += ["", "| soak window end (s) | req/s | p50 ms | p99 ms | failed | PSS MiB |", "|---:|---:|---:|---:|---:|---:|"]
+            lines += [f"| {w['end_s']:.0f} | {w['req_s']:,.0f} | {w['p50_ms']:.2f} | {w['p99_ms']:.2f} | {w['failed']} | {w['pss_mib']:,.0f} |"
+                      for w in s["windows"]]
     lines += ["", "Baselines: " + report["baselines"], "",
               "client CPU: the load generator's CPU time over the run (100% = one core); load: the "
               "machine's 1-minute load average when the row was measured (2 cores: above 2, other work "
@@ -792,15 +796,30 @@ def run(options: BenchOptions) -> dict[str, Any]:
 
 
 def run_soak(server: Server, workload: Workload, ray_dep: RayDeployment, seconds: float,
-             generator: str, log: Progress) -> dict[str, Any]:
-    """A long run at a fixed load, for memory growth (issue goal 6)."""
+             generator: str, log: Progress, window_s: float = 30.0) -> dict[str, Any]:
+    """A long run at a fixed load (issue 3 goal 6, issue 4 item 9), in back-to-back windows
+    so that latency drift and memory growth over time show, not only their end points."""
     before = ray_dep.memory()
-    log(f"soak: {workload.title} for {seconds:g}s")
-    result = run_load(server.base_url + workload.path, workload.body, workload.headers,
-                      connections=workload.connections, duration_s=seconds, generator=generator)
+    log(f"soak: {workload.title} for {seconds:g}s in {window_s:g}s windows")
+    windows: list[dict[str, Any]] = []
+    elapsed = 0.0
+    while elapsed < seconds - 1e-9:
+        length = min(window_s, seconds - elapsed)
+        result = run_load(server.base_url + workload.path, workload.body, workload.headers,
+                          connections=workload.connections, duration_s=length, generator=generator)
+        elapsed += length
+        memory = ray_dep.memory()
+        windows.append({"end_s": round(elapsed, 1), "req_s": result.rps, "p50_ms": result.p50_ms, "p99_ms": result.p99_ms,
+                        "failed": result.failed, "pss_mib": memory["pss_mib"]})
+        log(f"  {elapsed:5.0f}s  {result.rps:7,.0f} req/s  p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:7.2f} ms  "
+            f"failed {result.failed}  PSS {memory['pss_mib']:,.0f} MiB")
     after = ray_dep.memory()
     growth = 100 * (after["pss_mib"] - before["pss_mib"]) / before["pss_mib"]
-    log.done(f"{result.rps:,.0f} req/s; PSS {before['pss_mib']:,.0f} -> {after['pss_mib']:,.0f} MiB ({growth:+.1f}%)")
-    return {"seconds": seconds, "connections": workload.connections, "req_s": result.rps, "failed": result.failed,
-            "pss_before_mib": before["pss_mib"], "pss_after_mib": after["pss_mib"], "growth_pct": growth}
-
+    p50s, p99s = [w["p50_ms"] for w in windows], [w["p99_ms"] for w in windows]
+    failed = sum(w["failed"] for w in windows)
+    rate = sum(w["req_s"] * (w["end_s"] - (windows[i - 1]["end_s"] if i else 0.0)) for i, w in enumerate(windows)) / elapsed
+    log.done(f"{rate:,.0f} req/s, {failed} failed; p50 {min(p50s):.2f}-{max(p50s):.2f} ms, p99 {min(p99s):.2f}-{max(p99s):.2f} ms; "
+             f"PSS {before['pss_mib']:,.0f} -> {after['pss_mib']:,.0f} MiB ({growth:+.1f}%)")
+    return {"seconds": seconds, "connections": workload.connections, "req_s": rate, "failed": failed,
+            "pss_before_mib": before["pss_mib"], "pss_after_mib": after["pss_mib"], "growth_pct": growth,
+            "p50_ms_range": [min(p50s), max(p50s)], "p99_ms_range": [min(p99s), max(p99s)], "windows": windows}
