@@ -108,14 +108,10 @@ class ServeBatcher(Generic[Item]):
             run_batch, max_batch_size=max_rows, batch_wait_timeout_s=wait_s,
             batch_size_fn=lambda items: sum(size_of(item) for item in items),
         )
-        self.max_rows = max_rows
-        self.wait_s = wait_s
 
     def configure(self, *, max_rows: int, wait_s: float) -> None:
         self._batched.set_max_batch_size(max_rows)
         self._batched.set_batch_wait_timeout_s(wait_s)
-        self.max_rows = max_rows
-        self.wait_s = wait_s
 
     def submit(self, item: Item) -> Awaitable[Any]:
         return self._batched(item)
