@@ -589,13 +589,16 @@ def markdown(report: dict[str, Any]) -> str:
                          f"(PSS, shared pages counted once: {m['pss_mib']:,.0f} MiB)")
     if report.get("soak"):
         s = report["soak"]
-        lines += ["", f"Soak: {s['seconds']:.0f} s at c={s['connections']} ({s['req_s']:,.0f} req/s, "
+        share = (f", {s['load_pct']:.0f}% of this run's c=32 peak of {s['peak_req_s']:,.0f} req/s"
+                 + (f", paced by {s['pause_ms']} ms pauses" if s.get("pause_ms") else ", not paced"))
+        lines += ["", f"Soak: {s['seconds']:.0f} s at c={s['connections']} ({s['req_s']:,.0f} req/s{share if s.get('load_pct') else ''}, "
                   f"{s['failed']} failed): PSS {s['pss_before_mib']:,.0f} -> {s['pss_after_mib']:,.0f} MiB "
                   f"({s['growth_pct']:+.1f}%)"]
         if s.get("windows"):
-            lines += ["", "| soak window end (s) | req/s | p50 ms | p99 ms | failed | PSS MiB |", "|---:|---:|---:|---:|---:|---:|"]
-            lines += [f"| {w['end_s']:.0f} | {w['req_s']:,.0f} | {w['p50_ms']:.2f} | {w['p99_ms']:.2f} | {w['failed']} | {w['pss_mib']:,.0f} |"
-                      for w in s["windows"]]
+            lines += ["", "| soak window end (s) | pause ms | req/s | p50 ms | p99 ms | failed | PSS MiB |",
+                      "|---:|---:|---:|---:|---:|---:|---:|"]
+            lines += [f"| {w['end_s']:.0f} | {w.get('pause_ms', 0)} | {w['req_s']:,.0f} | {w['p50_ms']:.2f} | {w['p99_ms']:.2f} | "
+                      f"{w['failed']} | {w['pss_mib']:,.0f} |" for w in s["windows"]]
     lines += ["", "Baselines: " + report["baselines"], "",
               "client CPU: the load generator's CPU time over the run (100% = one core); load: the "
               "machine's 1-minute load average when the row was measured (2 cores: above 2, other work "
@@ -687,6 +690,7 @@ class BenchOptions:
     servers: tuple[str, ...] = SERVERS
     generator: str = "auto"
     soak_s: float = 0.0
+    soak_load: float = 0.7  # share of this run's c=32 peak the soak offers (1: flat out)
 
 
 def run(options: BenchOptions) -> dict[str, Any]:
@@ -755,7 +759,11 @@ def run(options: BenchOptions) -> dict[str, Any]:
                 results += measure_handles(((1, 1), (1, 32), (256, 8)), duration, log)
                 memory["after load"] = ray_dep.memory()
                 if options.soak_s > 0:
-                    soak = run_soak(servers[APP_NAME], loads[1], ray_dep, options.soak_s, generator, log)
+                    peak = _find(results, APP_NAME, loads[1].key)
+                    idle = _find(results, APP_NAME, loads[0].key)
+                    soak = run_soak(servers[APP_NAME], loads[1], ray_dep, options.soak_s, generator, log,
+                                    peak_req_s=peak["req_s"] if peak else None,
+                                    idle_p50_ms=idle["p50_ms"] if idle else 0.0, load=options.soak_load)
         finally:
             for name in ("flask", "starlette"):
                 if name in servers:
@@ -795,23 +803,46 @@ def run(options: BenchOptions) -> dict[str, Any]:
     return report
 
 
+def soak_pause_ms(connections: int, target_req_s: float, request_ms: float) -> int:
+    """The pause per connection between an answer and its next request that offers about
+    `target_req_s`: each connection's cycle is the pause plus `request_ms` (a request's
+    latency; the soak starts from an idle one and corrects it window by window)."""
+    return max(1, round(1000 * connections / target_req_s - request_ms))
+
+
 def run_soak(server: Server, workload: Workload, ray_dep: RayDeployment, seconds: float,
-             generator: str, log: Progress, window_s: float = 30.0) -> dict[str, Any]:
-    """A long run at a fixed load (issue 3 goal 6, issue 4 item 9), in back-to-back windows
-    so that latency drift and memory growth over time show, not only their end points."""
+             generator: str, log: Progress, window_s: float = 30.0, *, peak_req_s: float | None = None,
+             idle_p50_ms: float = 0.0, load: float = 0.7) -> dict[str, Any]:
+    """A long run at a steady load (issue 3 goal 6, issue 4 item 9), in back-to-back windows
+    so that latency drift and memory growth over time show, not only their end points.
+
+    With `peak_req_s` (this run's c=32 figure) and `load` < 1, the connections are paced to
+    offer about `load` x the peak: a server near saturation says little about leaks."""
+    pause_ms = 0
+    if peak_req_s and 0 < load < 1:
+        pause_ms = soak_pause_ms(workload.connections, load * peak_req_s, idle_p50_ms)
     before = ray_dep.memory()
-    log(f"soak: {workload.title} for {seconds:g}s in {window_s:g}s windows")
+    paced = f", paced to ~{load:.0%} of {peak_req_s:,.0f} req/s ({pause_ms} ms pauses)" if pause_ms else ", flat out"
+    log(f"soak: {workload.title} for {seconds:g}s in {window_s:g}s windows{paced}")
     windows: list[dict[str, Any]] = []
     elapsed = 0.0
     while elapsed < seconds - 1e-9:
         length = min(window_s, seconds - elapsed)
         result = run_load(server.base_url + workload.path, workload.body, workload.headers,
-                          connections=workload.connections, duration_s=length, generator=generator)
+                          connections=workload.connections, duration_s=length, generator=generator,
+                          pause_ms=pause_ms)
+        window_pause = pause_ms
+        if pause_ms and peak_req_s and result.rps > 0:
+            # Each connection's cycle is its pause plus what the server and client add, which
+            # grows with load: correct the next window's pause by what this one measured,
+            # halfway (a full correction overshoots: the added time moves with the rate).
+            added_ms = 1000 * workload.connections / result.rps - pause_ms
+            pause_ms = max(1, round((pause_ms + soak_pause_ms(workload.connections, load * peak_req_s, added_ms)) / 2))
         elapsed += length
         memory = ray_dep.memory()
         windows.append({"end_s": round(elapsed, 1), "req_s": result.rps, "p50_ms": result.p50_ms, "p99_ms": result.p99_ms,
-                        "failed": result.failed, "pss_mib": memory["pss_mib"]})
-        log(f"  {elapsed:5.0f}s  {result.rps:7,.0f} req/s  p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:7.2f} ms  "
+                        "failed": result.failed, "pss_mib": memory["pss_mib"], "pause_ms": window_pause})
+        log(f"  {elapsed:5.0f}s  pause {window_pause:3d} ms  {result.rps:7,.0f} req/s  p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:7.2f} ms  "
             f"failed {result.failed}  PSS {memory['pss_mib']:,.0f} MiB")
     after = ray_dep.memory()
     growth = 100 * (after["pss_mib"] - before["pss_mib"]) / before["pss_mib"]
@@ -821,5 +852,7 @@ def run_soak(server: Server, workload: Workload, ray_dep: RayDeployment, seconds
     log.done(f"{rate:,.0f} req/s, {failed} failed; p50 {min(p50s):.2f}-{max(p50s):.2f} ms, p99 {min(p99s):.2f}-{max(p99s):.2f} ms; "
              f"PSS {before['pss_mib']:,.0f} -> {after['pss_mib']:,.0f} MiB ({growth:+.1f}%)")
     return {"seconds": seconds, "connections": workload.connections, "req_s": rate, "failed": failed,
+            "peak_req_s": peak_req_s, "pause_ms": windows[-1]["pause_ms"] if windows else 0,
+            "load_pct": 100 * rate / peak_req_s if peak_req_s else None,
             "pss_before_mib": before["pss_mib"], "pss_after_mib": after["pss_mib"], "growth_pct": growth,
             "p50_ms_range": [min(p50s), max(p50s)], "p99_ms_range": [min(p99s), max(p99s)], "windows": windows}

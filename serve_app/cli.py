@@ -264,9 +264,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     unknown = [s for s in servers if s not in SERVERS]
     if unknown:
         raise ValueError(f"unknown server {unknown[0]!r} in --servers; choose from {', '.join(SERVERS)}")
+    if not 0 < args.soak_load <= 1:
+        raise ValueError(f"--soak-load {args.soak_load:g} is not a share of the peak; give a number in (0, 1], e.g. 0.7")
     report = bench(BenchOptions(
         out=Path(args.out), quick=args.quick, duration_s=args.duration, config=Path(args.config),
-        servers=servers, generator=args.loadgen, soak_s=args.soak,
+        servers=servers, generator=args.loadgen, soak_s=args.soak, soak_load=args.soak_load,
     ))
     # serve_app's failures fail the run; a baseline's (Starlette times out at c=128) are findings.
     failed = sum(r["errors"] + r["timeouts"] + r["non_2xx"] for r in report["results"] if r["server"] == "serve_app")
@@ -397,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--servers", default="flask,starlette,serve_app", help="comma-separated subset to run")
     bench.add_argument("--loadgen", default="auto", choices=("auto", "wrk", "python"), help="auto: wrk if installed")
     bench.add_argument("--soak", type=float, default=0.0, help="seconds of a further c=32 run to watch memory growth")
+    bench.add_argument("--soak-load", type=float, default=0.7,
+                       help="share of this run's c=32 peak the soak offers, by pacing (default 0.7; 1: flat out)")
     bench.set_defaults(func=cmd_bench)
 
     tune = commands.add_parser("tune", help="measure replica and batching settings against a p99 SLO; write a tuned config")

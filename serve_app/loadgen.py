@@ -50,6 +50,15 @@ function done(summary, latency, requests)
 end
 """
 
+# Appended when a rate is asked for: each connection pauses this long between an answer and
+# its next request (wrk's `delay` hook counts whole milliseconds).
+WRK_PACING = r"""
+local pause_ms = tonumber(os.getenv("BENCH_DELAY_MS"))
+function delay()
+  return pause_ms
+end
+"""
+
 
 @dataclass
 class LoadResult:
@@ -101,8 +110,13 @@ def run_load(
     duration_s: float,
     generator: str = "auto",
     timeout_s: float = 5.0,
+    pause_ms: int = 0,
 ) -> LoadResult:
-    """POSTs `body` to `url` from `connections` keep-alive connections for `duration_s`."""
+    """POSTs `body` to `url` from `connections` keep-alive connections for `duration_s`.
+
+    `pause_ms` > 0 paces the load: each connection waits that long after an answer before
+    sending again, so `connections` x 1000 / (pause_ms + latency) requests a second at most.
+    """
     if generator == "auto":
         generator = "wrk" if wrk_path() else "python"
     extra = {k: v for k, v in headers.items() if k.lower() != "content-type"}
@@ -118,11 +132,12 @@ def run_load(
             "BENCH_CONTENT_TYPE": headers.get("content-type", "application/json"),
             "BENCH_HEADER_NAME": next(iter(extra), ""),
             "BENCH_HEADER_VALUE": next(iter(extra.values()), ""),
+            "BENCH_DELAY_MS": str(int(pause_ms)),
         })
         seconds = max(1, round(duration_s))
         if generator == "wrk":
             script = Path(tmp) / "post.lua"
-            script.write_text(WRK_SCRIPT)
+            script.write_text(WRK_SCRIPT + (WRK_PACING if pause_ms > 0 else ""))
             threads = min(2, connections)
             command = [
                 wrk_path() or "wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s",
@@ -166,7 +181,7 @@ def _request_bytes(url: str, body: bytes) -> tuple[str, int, bytes]:
 
 async def _connection(
     host: str, port: int, request: bytes, deadline: float, timeout_s: float,
-    latencies: list[float], counts: dict[str, int],
+    latencies: list[float], counts: dict[str, int], pause_s: float = 0.0,
 ) -> None:
     reader = writer = None
     while time.monotonic() < deadline:
@@ -210,18 +225,22 @@ async def _connection(
         if not keep_alive:
             writer.close()
             writer = None
+        if pause_s:
+            await asyncio.sleep(pause_s)
     if writer is not None:
         writer.close()
 
 
-async def _drive(url: str, body: bytes, connections: int, duration_s: float, timeout_s: float) -> dict[str, Any]:
+async def _drive(
+    url: str, body: bytes, connections: int, duration_s: float, timeout_s: float, pause_s: float = 0.0
+) -> dict[str, Any]:
     host, port, request = _request_bytes(url, body)
     latencies: list[float] = []
     counts = {"connect_errors": 0, "read_errors": 0, "write_errors": 0, "non_2xx": 0, "timeouts": 0}
     start = time.monotonic()
     deadline = start + duration_s
     await asyncio.gather(*(
-        _connection(host, port, request, deadline, timeout_s, latencies, counts) for _ in range(connections)
+        _connection(host, port, request, deadline, timeout_s, latencies, counts, pause_s) for _ in range(connections)
     ))
     elapsed = time.monotonic() - start
     ordered = sorted(latencies) or [0.0]
@@ -244,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=5.0)
     args = parser.parse_args(argv)
     body = Path(os.environ["BENCH_BODY"]).read_bytes()
-    result = asyncio.run(_drive(args.url, body, args.connections, args.duration, args.timeout))
+    pause_s = int(os.environ.get("BENCH_DELAY_MS") or 0) / 1e3
+    result = asyncio.run(_drive(args.url, body, args.connections, args.duration, args.timeout, pause_s))
     Path(os.environ["BENCH_OUT"]).write_text(json.dumps(result))
     return 0
 

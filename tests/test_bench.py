@@ -11,7 +11,10 @@ import json
 import os
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -29,7 +32,7 @@ def test_bench_quick_smoke(tmp_path: Path) -> None:
         if name.startswith("RAY_SERVE_HAPROXY") or name in ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_HA_PROXY"):
             env.pop(name)
     done = subprocess.run(
-        [sys.executable, "-m", "serve_app", "bench", "--quick", "--duration", "1", "--out", str(out)],
+        [sys.executable, "-m", "serve_app", "bench", "--quick", "--duration", "1", "--soak", "3", "--out", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -54,9 +57,13 @@ def test_bench_quick_smoke(tmp_path: Path) -> None:
     assert report["generator"].startswith("wrk" if wrk_path() else "python")
     assert report["memory"]["idle"]["rss_mib"] > 0 and report["memory"]["idle"]["haproxy_processes"] >= 1
     assert {g["goal"][:8] for g in report["goals"]} >= {"1 row, c", "256-row ", "V2 binar"}
+    soak = report["soak"]  # paced to ~70% of the c=32 figure measured just before
+    assert soak["failed"] == 0 and soak["pause_ms"] >= 1 and soak["windows"], soak
+    assert soak["req_s"] < soak["peak_req_s"], soak
 
     table = (out / "results.md").read_text()
     assert "| serve_app | 1 row, c=32 |" in table and "x Starlette req/s" in table
+    assert "Soak: 3 s at c=32" in table and "paced by" in table
     png = (out / "bench.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
@@ -68,36 +75,65 @@ def test_bench_quick_smoke(tmp_path: Path) -> None:
     assert port_is_free(report["serve_app_port"])
 
 
-def test_python_load_generator_counts_every_answer(tmp_path: Path) -> None:
-    """The fallback used when wrk is missing: against a tiny server, every answer is counted."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class _TinyHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out as two writes: no 40 ms delayed-ACK stall
 
-    from serve_app.loadgen import run_load
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        body = self.rfile.read(int(self.headers["content-length"]))
+        status = 200 if body == b'{"x": 1}' else 400
+        self.send_response(status)
+        self.send_header("content-length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+    def log_message(self, *args: object) -> None:
+        pass
 
-        def do_POST(self) -> None:  # noqa: N802 - http.server's name
-            body = self.rfile.read(int(self.headers["content-length"]))
-            status = 200 if body == b'{"x": 1}' else 400
-            self.send_response(status)
-            self.send_header("content-length", "2")
-            self.end_headers()
-            self.wfile.write(b"ok")
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+@pytest.fixture
+def tiny_server() -> Iterator[str]:
+    """An HTTP server answering 200 to the body {"x": 1} and 400 to anything else."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _TinyHandler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/"
-        good = run_load(url, b'{"x": 1}', {"content-type": "application/json"}, connections=2, duration_s=1, generator="python")
-        bad = run_load(url, b'{"x": 2}', {"content-type": "application/json"}, connections=2, duration_s=1, generator="python")
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_python_load_generator_counts_every_answer(tiny_server: str) -> None:
+    """The fallback used when wrk is missing: against a tiny server, every answer is counted."""
+    from serve_app.loadgen import run_load
+
+    good = run_load(tiny_server, b'{"x": 1}', {"content-type": "application/json"}, connections=2, duration_s=1, generator="python")
+    bad = run_load(tiny_server, b'{"x": 2}', {"content-type": "application/json"}, connections=2, duration_s=1, generator="python")
     assert good.generator == "python" and good.requests > 0 and good.failed == 0
     assert bad.requests > 0 and bad.non_2xx == bad.requests
+
+
+@pytest.mark.parametrize("generator", ["python", "wrk"])
+def test_paced_load_offers_no_more_than_its_rate(tiny_server: str, generator: str) -> None:
+    """The soak's pacing: 2 connections pausing 100 ms send at most ~20 requests a second,
+    where the same connections unpaced send hundreds (the bound cannot pass by slowness:
+    a slow machine sends fewer, never more)."""
+    from serve_app.loadgen import run_load, wrk_path
+
+    if generator == "wrk" and wrk_path() is None:
+        pytest.skip("wrk is not installed, so the bench paces with the Python generator (tested above)")
+    body, headers = b'{"x": 1}', {"content-type": "application/json"}
+    paced = run_load(tiny_server, body, headers, connections=2, duration_s=1, generator=generator, pause_ms=100)
+    flat = run_load(tiny_server, body, headers, connections=2, duration_s=1, generator=generator)
+    assert paced.failed == 0 and flat.failed == 0
+    assert 0 < paced.requests <= 2 * 10 + 2, paced  # 2 connections x 1 s x 10 a second, +1 each in flight
+    assert flat.requests > 5 * paced.requests, (flat, paced)
+
+
+def test_soak_pause_offers_the_asked_share_of_the_peak() -> None:
+    from serve_app.bench import soak_pause_ms
+
+    # 32 connections, 70% of 1,400 req/s = 980 req/s: a 32.65 ms cycle, of which 1.5 ms is the request.
+    assert soak_pause_ms(32, 980.0, 1.5) == 31
+    assert soak_pause_ms(32, 1e9, 1.5) == 1  # never 0: 0 would mean "not paced" to wrk
