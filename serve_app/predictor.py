@@ -21,12 +21,12 @@ from sklearn.utils.extmath import softmax
 
 from serve_app.errors import InvalidInput, ModelLoadError, PayloadTooLarge
 from serve_app.manifest import Manifest
+from serve_app.settings import DEFAULT_MAX_ROWS
 from serve_app.store import DEFAULT_ALIAS, ModelStore
 
 PREDICT = "predict"
 PREDICT_PROBA = "predict_proba"
 VALID_OUTPUTS = (PREDICT, PREDICT_PROBA)
-DEFAULT_MAX_ROWS = 100_000
 
 
 class Predictor:

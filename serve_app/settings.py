@@ -14,8 +14,9 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from serve_app.predictor import DEFAULT_MAX_ROWS
 from serve_app.store import DEFAULT_ALIAS, NAME_PATTERN
+
+DEFAULT_MAX_ROWS = 100_000  # rows in one request; more get 413
 
 STORE_ENV = "SERVE_APP_STORE"
 DEFAULT_STORE = "models"

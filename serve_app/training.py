@@ -9,12 +9,6 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
-from sklearn import datasets
-from sklearn.base import is_classifier
-from sklearn.ensemble import RandomForestClassifier, RandomForestRegressor
-from sklearn.linear_model import LinearRegression, LogisticRegression
-from sklearn.metrics import accuracy_score, mean_absolute_error, r2_score
-from sklearn.model_selection import train_test_split
 
 from serve_app.artefacts import ModelFormat
 from serve_app.manifest import Manifest, library_versions, training_stats
@@ -33,34 +27,61 @@ class Dataset:
     task: str
 
 
-def _builtin(loader: Callable[..., Any], task: str) -> Callable[[], Dataset]:
+# scikit-learn is imported where it is used: it costs ~2 s, and the CLI builds its argument
+# parser (dataset and estimator names) for every command, most of which never train.
+
+
+def _builtin(loader: str, task: str) -> Callable[[], Dataset]:
     def load() -> Dataset:
-        bunch = loader()
+        from sklearn import datasets
+
+        bunch = getattr(datasets, loader)()
         return Dataset(np.asarray(bunch.data, dtype=np.float64), np.asarray(bunch.target), list(bunch.feature_names), task)
 
     return load
 
 
 DATASETS: dict[str, Callable[[], Dataset]] = {
-    "iris": _builtin(datasets.load_iris, "classification"),
-    "wine": _builtin(datasets.load_wine, "classification"),
-    "breast_cancer": _builtin(datasets.load_breast_cancer, "classification"),
-    "diabetes": _builtin(datasets.load_diabetes, "regression"),
+    "iris": _builtin("load_iris", "classification"),
+    "wine": _builtin("load_wine", "classification"),
+    "breast_cancer": _builtin("load_breast_cancer", "classification"),
+    "diabetes": _builtin("load_diabetes", "regression"),
 }
 
+def _logistic_regression() -> Any:
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(max_iter=1000)
+
+
+def _random_forest_classifier() -> Any:
+    from sklearn.ensemble import RandomForestClassifier
+
+    return RandomForestClassifier(n_estimators=100, random_state=0)
+
+
+def _linear_regression() -> Any:
+    from sklearn.linear_model import LinearRegression
+
+    return LinearRegression()
+
+
+def _random_forest_regressor() -> Any:
+    from sklearn.ensemble import RandomForestRegressor
+
+    return RandomForestRegressor(n_estimators=100, random_state=0)
+
+
 ESTIMATORS: dict[str, dict[str, Callable[[], Any]]] = {
-    "classification": {
-        "logistic_regression": lambda: LogisticRegression(max_iter=1000),
-        "random_forest": lambda: RandomForestClassifier(n_estimators=100, random_state=0),
-    },
-    "regression": {
-        "linear_regression": lambda: LinearRegression(),
-        "random_forest": lambda: RandomForestRegressor(n_estimators=100, random_state=0),
-    },
+    "classification": {"logistic_regression": _logistic_regression, "random_forest": _random_forest_classifier},
+    "regression": {"linear_regression": _linear_regression, "random_forest": _random_forest_regressor},
 }
 
 
 def _metrics(model: Any, features: np.ndarray, target: np.ndarray) -> dict[str, float]:
+    from sklearn.base import is_classifier
+    from sklearn.metrics import accuracy_score, mean_absolute_error, r2_score
+
     predicted = model.predict(features)
     if is_classifier(model):
         return {"accuracy": float(accuracy_score(target, predicted))}
@@ -92,6 +113,8 @@ def train(
             f"estimator {estimator!r} does not fit the {data.task} dataset {dataset!r}; "
             f"choose one of {', '.join(choices)}"
         )
+    from sklearn.model_selection import train_test_split
+
     x_train, x_test, y_train, y_test = train_test_split(
         data.features, data.target, test_size=test_size, random_state=seed,
         stratify=data.target if data.task == "classification" else None,
@@ -120,6 +143,8 @@ def save_fitted(
     promote_first: bool = True,
 ) -> Manifest:
     """Stores an already fitted estimator with a full manifest (also used by tests)."""
+    from sklearn.base import is_classifier
+
     n_features = int(model.n_features_in_)
     names = feature_names or [f"x{i}" for i in range(n_features)]
     classifier = is_classifier(model)
