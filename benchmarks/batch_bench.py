@@ -5,7 +5,9 @@
 
 Both read the same generated CSV, predict with the same stored model version and write
 Parquet. Each runs in its own process; the figures are wall-clock seconds for the work
-(reading to written output). For the Ray job, the time to start Ray is shown apart.
+(reading to written output). For the Ray job, the time to start Ray is shown apart, and the
+job runs twice in one driver: the first pays for starting workers that import scikit-learn
+and load the model (~5 s of CPU each here), the second shows the steady rate.
 """
 
 from __future__ import annotations
@@ -57,7 +59,13 @@ def ray_job(csv: str, out: str, store: str, model: str) -> None:
     ray.init(include_dashboard=False, log_to_driver=False)
     init_s = time.perf_counter() - started
     result = run_batch(model, csv, out, store=store, progress=False, overwrite=True)
-    print(json.dumps({"seconds": result.seconds, "init_seconds": init_s, "rows": result.rows, "errors": result.errors}))
+    # The same job again in the same driver: its workers have imported scikit-learn and
+    # loaded the model, so this is the steady rate a long-running driver gets.
+    warm = run_batch(model, csv, out, store=store, progress=False, overwrite=True)
+    print(json.dumps({
+        "seconds": result.seconds, "warm_seconds": warm.seconds, "init_seconds": init_s,
+        "rows": result.rows, "errors": result.errors,
+    }))
     ray.shutdown()
 
 
@@ -101,7 +109,10 @@ def main() -> int:
     print(f"pandas + sklearn, 1 process : {plain['seconds']:6.1f} s  {plain_rate:12,.0f} rows/s")
     print(f"serve-app batch (Ray Data)  : {ray_result['seconds']:6.1f} s  {ray_rate:12,.0f} rows/s"
           f"  (+ {ray_result['init_seconds']:.1f} s to start Ray: {with_init:,.0f} rows/s)")
-    print(f"ratio: {ray_rate / plain_rate:.2f}x ({with_init / plain_rate:.2f}x counting Ray start-up); goal >= 1.5x")
+    warm_rate = ray_result["rows"] / ray_result["warm_seconds"]
+    print(f"  same job again, warm workers: {ray_result['warm_seconds']:6.1f} s  {warm_rate:12,.0f} rows/s")
+    print(f"ratio: {ray_rate / plain_rate:.2f}x ({with_init / plain_rate:.2f}x counting Ray start-up; "
+          f"{warm_rate / plain_rate:.2f}x on warm workers); goal >= 1.5x")
     return 0
 
 
