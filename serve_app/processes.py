@@ -28,11 +28,10 @@ FAST_PATH_ENV = {
     # few seconds is enough. Raise it if an external load balancer points at replicas.
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
     # Ray's HAProxy writes one log line per request that its manager actor parses into
-    # request metrics; the dashboard agent then replays every histogram observation. On 2
-    # cores that took ~17% + ~13% of a core at c=32 and cost ~25% of req/s (1,237 -> 1,534
-    # measured back to back). Off, the replicas record the same ray_serve_http_* request
-    # metrics themselves; what is lost is only HAProxy's own view (requests it answered
-    # without a replica). Set it to 1 to keep that.
+    # request metrics: ~17% of a core at 1-row c=32 on 2 cores (top and py-spy). Off, c=32
+    # went from 1,237 / 1,216 to 1,575 / 1,534 / 1,493 req/s, back to back. The replicas then
+    # record the same ray_serve_http_* request metrics themselves; what is lost is HAProxy's
+    # own view (requests it answered without a replica). Set it to 1 to keep that.
     "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
 }
 
