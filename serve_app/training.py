@@ -5,6 +5,7 @@ The default is the seed's model: LogisticRegression(max_iter=1000) on iris.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -48,33 +49,23 @@ DATASETS: dict[str, Callable[[], Dataset]] = {
     "diabetes": _builtin("load_diabetes", "regression"),
 }
 
-def _logistic_regression() -> Any:
-    from sklearn.linear_model import LogisticRegression
 
-    return LogisticRegression(max_iter=1000)
+def _estimator(module: str, name: str, **params: Any) -> Callable[[], Any]:
+    def make() -> Any:
+        return getattr(importlib.import_module(module), name)(**params)
 
-
-def _random_forest_classifier() -> Any:
-    from sklearn.ensemble import RandomForestClassifier
-
-    return RandomForestClassifier(n_estimators=100, random_state=0)
-
-
-def _linear_regression() -> Any:
-    from sklearn.linear_model import LinearRegression
-
-    return LinearRegression()
-
-
-def _random_forest_regressor() -> Any:
-    from sklearn.ensemble import RandomForestRegressor
-
-    return RandomForestRegressor(n_estimators=100, random_state=0)
+    return make
 
 
 ESTIMATORS: dict[str, dict[str, Callable[[], Any]]] = {
-    "classification": {"logistic_regression": _logistic_regression, "random_forest": _random_forest_classifier},
-    "regression": {"linear_regression": _linear_regression, "random_forest": _random_forest_regressor},
+    "classification": {
+        "logistic_regression": _estimator("sklearn.linear_model", "LogisticRegression", max_iter=1000),
+        "random_forest": _estimator("sklearn.ensemble", "RandomForestClassifier", n_estimators=100, random_state=0),
+    },
+    "regression": {
+        "linear_regression": _estimator("sklearn.linear_model", "LinearRegression"),
+        "random_forest": _estimator("sklearn.ensemble", "RandomForestRegressor", n_estimators=100, random_state=0),
+    },
 }
 
 

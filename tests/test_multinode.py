@@ -268,6 +268,9 @@ async def post_with_retries(http: httpx.AsyncClient, load: Load, url: str, deadl
         delay = min(delay * 2, 1.0)
 
 
+# ---- a worker node dies under load ---------------------------------------------------------
+
+
 def test_worker_node_killed_under_load_without_failed_requests(cluster: dict[str, Any]) -> None:
     local: LocalCluster = cluster["local"]
     # Back to the config as written (min 2 replicas), so both workers hold replicas.
@@ -379,5 +382,3 @@ def _plot(record: list[tuple[float, int, int, int, float]], path: Path) -> None:
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
-
-# ---- a worker node dies under load ---------------------------------------------------------
