@@ -1,12 +1,14 @@
-# serve_app: `make run` serves configs/local.yaml on 127.0.0.1:8000; `make test` runs the suite.
+# serve_app: `make run` serves configs/local.yaml on 127.0.0.1:8000; `make test` runs the fast
+# tier, `make test-scenarios` the multi-minute scenarios; .ci/run runs both.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/local.yaml
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: install run test bench bench-smoke train clean
+.PHONY: install run test test-scenarios scenario-deps bench train clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,15 +25,30 @@ train: $(STAMP)
 run: $(STAMP)
 	$(BIN)/serve-app run --config $(CONFIG)
 
+# Everything but the multi-minute scenarios, in a random order: pytest-randomly prints its seed;
+# PYTEST_ARGS=--randomly-seed=N repeats an order, PYTEST_ARGS=-p no:randomly keeps the written one.
 test: $(STAMP)
-	command -v chromium >/dev/null || (export DEBIAN_FRONTEND=noninteractive; apt-get install -y -qq chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null))
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not scenario" $(PYTEST_ARGS)
+
+# The README walkthrough (two `make run`s), a 3-node cluster, bench and tune runs, chaos and
+# the browser: each starts Ray clusters of its own, so they run in their written order.
+test-scenarios: $(STAMP) scenario-deps
+	$(BIN)/python -m pytest -m scenario -p no:randomly $(PYTEST_ARGS)
+
+# Debian packages the scenarios drive: Chromium renders the dashboard, wrk loads the bench.
+scenario-deps:
+	@missing=""; for tool in chromium wrk; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "make test-scenarios needs these Debian packages:$$missing (sudo apt-get install$$missing)"; exit 1; fi; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -qq $$missing >/dev/null || (apt-get update -qq && apt-get install -y -qq $$missing >/dev/null); \
+	fi
 
 # wrk is the load generator (Debian package); without it the bench falls back to a slower
-# Python client and says so in its table.
+# Python client and says so in its table. BENCH_ARGS: more `serve-app bench` options (--quick).
 bench: $(STAMP)
 	command -v wrk >/dev/null || (apt-get install -y wrk || (apt-get update && apt-get install -y wrk)) || true
-	$(BIN)/serve-app bench
+	$(BIN)/serve-app bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -90,29 +91,32 @@ def main() -> int:
         return 0
 
     work = Path(tempfile.mkdtemp(prefix="sa-batch-bench-"))
-    store = args.store
-    if store is None:
-        from serve_app.store import ModelStore
-        from serve_app.training import train
+    try:
+        store = args.store
+        if store is None:
+            from serve_app.store import ModelStore
+            from serve_app.training import train
 
-        store = str(work / "models")
-        train(ModelStore(store))
-    csv = work / "rows.csv"
-    t = time.perf_counter()
-    generate(csv, args.rows)
-    print(f"generated {args.rows:,} rows ({csv.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t:.1f}s: {csv}")
-    plain = run("baseline", str(csv), str(work / "plain.parquet"), store, args.model)
-    ray_result = run("ray", str(csv), str(work / "ray.parquet"), store, args.model)
-    plain_rate = plain["rows"] / plain["seconds"]
-    ray_rate = ray_result["rows"] / ray_result["seconds"]
-    with_init = ray_result["rows"] / (ray_result["seconds"] + ray_result["init_seconds"])
-    print(f"pandas + sklearn, 1 process : {plain['seconds']:6.1f} s  {plain_rate:12,.0f} rows/s")
-    print(f"serve-app batch (Ray Data)  : {ray_result['seconds']:6.1f} s  {ray_rate:12,.0f} rows/s"
-          f"  (+ {ray_result['init_seconds']:.1f} s to start Ray: {with_init:,.0f} rows/s)")
-    warm_rate = ray_result["rows"] / ray_result["warm_seconds"]
-    print(f"  same job again, warm workers: {ray_result['warm_seconds']:6.1f} s  {warm_rate:12,.0f} rows/s")
-    print(f"ratio: {ray_rate / plain_rate:.2f}x ({with_init / plain_rate:.2f}x counting Ray start-up; "
-          f"{warm_rate / plain_rate:.2f}x on warm workers); goal >= 1.5x")
+            store = str(work / "models")
+            train(ModelStore(store))
+        csv = work / "rows.csv"
+        t = time.perf_counter()
+        generate(csv, args.rows)
+        print(f"generated {args.rows:,} rows ({csv.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t:.1f}s: {csv}")
+        plain = run("baseline", str(csv), str(work / "plain.parquet"), store, args.model)
+        ray_result = run("ray", str(csv), str(work / "ray.parquet"), store, args.model)
+        plain_rate = plain["rows"] / plain["seconds"]
+        ray_rate = ray_result["rows"] / ray_result["seconds"]
+        with_init = ray_result["rows"] / (ray_result["seconds"] + ray_result["init_seconds"])
+        print(f"pandas + sklearn, 1 process : {plain['seconds']:6.1f} s  {plain_rate:12,.0f} rows/s")
+        print(f"serve-app batch (Ray Data)  : {ray_result['seconds']:6.1f} s  {ray_rate:12,.0f} rows/s"
+              f"  (+ {ray_result['init_seconds']:.1f} s to start Ray: {with_init:,.0f} rows/s)")
+        warm_rate = ray_result["rows"] / ray_result["warm_seconds"]
+        print(f"  same job again, warm workers: {ray_result['warm_seconds']:6.1f} s  {warm_rate:12,.0f} rows/s")
+        print(f"ratio: {ray_rate / plain_rate:.2f}x ({with_init / plain_rate:.2f}x counting Ray start-up; "
+              f"{warm_rate / plain_rate:.2f}x on warm workers); goal >= 1.5x")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the CSV alone is 195 MB at 10 M rows
     return 0
 
 

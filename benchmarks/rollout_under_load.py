@@ -13,6 +13,7 @@ versions. Exits 1 if any request failed or a version answered that was not live.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import threading
@@ -37,7 +38,9 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=8)
     options = parser.parse_args()
     log = Progress("rollout")
-    work = Path(tempfile.mkdtemp(prefix="sa-rollout-"))
+    # In /tmp, whatever TMPDIR says: Ray's session dir goes under it, and its unix sockets
+    # must stay within 107 bytes.
+    work = Path(tempfile.mkdtemp(prefix="sa-rollout-", dir="/tmp"))
     store = ModelStore(work / "models")
     train(store)
     train(store, estimator="random_forest")
@@ -93,6 +96,7 @@ def main() -> int:
     finally:
         stop.set()
         deployment.stop()
+        shutil.rmtree(work, ignore_errors=True)
     return 1 if failed else 0
 
 

@@ -10,27 +10,17 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from pydantic import ValidationError
 from ray.serve import Application
 
 from serve_app.deployment import ModelServer
-from serve_app.settings import AppSettings, RuntimeSettings
+from serve_app.settings import AppSettings, ConfigError, RuntimeSettings, validated
 from serve_app.store import ModelStore
 
-
-class ConfigError(ValueError):
-    """The application's `args` in the YAML cannot be used as they are."""
+__all__ = ["ConfigError", "build_app", "settings_from_args"]
 
 
 def settings_from_args(args: Mapping[str, Any] | None) -> AppSettings:
-    try:
-        return AppSettings.model_validate(dict(args or {}))
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"args.{'.'.join(map(str, e['loc'])) or '?'}: {e['msg']}" for e in exc.errors()
-        )
-        allowed = ", ".join(AppSettings.model_fields)
-        raise ConfigError(f"invalid serve_app application args: {problems} (allowed keys: {allowed})") from None
+    return validated(AppSettings, args, "application args")
 
 
 def build_app(args: Mapping[str, Any] | None = None) -> Application:

@@ -1,15 +1,24 @@
 """Writing and reading model files, in the safe skops format or in joblib (pickle).
 
-A joblib file can run arbitrary code when it is unpickled, so it is only opened after the
-store has checked its sha256 against the manifest, and then only if a static scan of its
-pickle opcodes finds no global outside an allow-list (sklearn, numpy, scipy, joblib's array
-wrapper, a few builtins); the unpickler enforces the same list again while loading. A
-matching hash proves the file is the one that was stored, not that it is harmless. A skops
-file is read without running code, and only types from the same allow-list are rebuilt.
+Reading is the second line of defence: the store reads a version's bytes once, checks its
+publisher's signature over them (serve_app/signing.py), and hands those same bytes here.
+Whatever the signature says, a model file may only rebuild objects of the exact classes in
+`ALLOWED_CLASSES` (`module.qualname`, no prefixes, no functions, no dotted names):
+
+- skops: every node of the file's tree must be one of those classes (or a plain str, int,
+  float, bool, None, list, dict, tuple), and skops is told to trust exactly that fixed
+  list, never the types the file itself names.
+- joblib: a static scan of the pickle opcodes (nothing imported or called) refuses any
+  other global, and any call (REDUCE/NEWOBJ) or state (BUILD) on anything but an allowed
+  class; then our own restricted unpickler, over the same bytes, enforces the list again
+  and reads the arrays itself (joblib's reader is not used to load).
 """
 
 from __future__ import annotations
 
+import importlib
+import io
+import pickle
 import pickletools
 import re
 from pathlib import Path
@@ -19,40 +28,71 @@ from serve_app.errors import ModelLoadError
 
 ModelFormat = Literal["skops", "joblib"]
 FORMATS: tuple[ModelFormat, ...] = ("skops", "joblib")
-# Types and functions from these packages may be rebuilt from a model file (skops or
-# joblib); anything else is refused. builtins only by exact name: a prefix would admit
-# eval/exec/getattr, which a FunctionTransformer could then call at predict time.
-TRUSTED_MODULE_PREFIXES = ("sklearn.", "numpy.", "scipy.")
-TRUSTED_GLOBALS = frozenset(
+
+# The classes a model file may rebuild, reviewed one by one: the estimators
+# serve_app/training.py trains and what they contain, the small estimators the tests use,
+# and numpy's arrays. Adding one is a code review, never something a file can ask for.
+ALLOWED_CLASSES = frozenset(
     {
-        "builtins.bool", "builtins.bytearray", "builtins.bytes", "builtins.complex", "builtins.dict",
-        "builtins.float", "builtins.frozenset", "builtins.int", "builtins.list", "builtins.object",
-        "builtins.set", "builtins.slice", "builtins.str", "builtins.tuple", "builtins.type",
-        "collections.OrderedDict", "collections.defaultdict", "copyreg._reconstructor",
-        "_codecs.encode",  # how protocol 2 stores bytes
-        "joblib.numpy_pickle.NumpyArrayWrapper",
+        "sklearn.linear_model._logistic.LogisticRegression",
+        "sklearn.linear_model._base.LinearRegression",
+        "sklearn.ensemble._forest.RandomForestClassifier",
+        "sklearn.ensemble._forest.RandomForestRegressor",
+        "sklearn.tree._classes.DecisionTreeClassifier",
+        "sklearn.tree._classes.DecisionTreeRegressor",
+        "sklearn.tree._tree.Tree",
+        "sklearn.dummy.DummyClassifier",
+        "sklearn.dummy.DummyRegressor",
+        "sklearn.preprocessing._data.StandardScaler",
+        "sklearn.pipeline.Pipeline",
+        "numpy.ndarray",
+        "numpy.dtype",
     }
 )
-# Inside the trusted packages, what reads files, runs code or builds code is still refused.
-_UNTRUSTED_PARTS = frozenset({"f2py", "distutils", "testing", "_testing", "ctypeslib", "_pytesttester", "conftest"})
-_UNTRUSTED_NAMES = frozenset(
-    {"load", "loads", "fromfile", "tofile", "save", "savez", "memmap", "open", "system", "exec", "eval",
-     "compile", "getattr", "setattr", "delattr", "__import__", "import_module", "loadtxt", "genfromtxt"}
+# skops names numpy scalars and plain values by their type; they carry data, never code.
+_NUMPY_SCALARS = frozenset(
+    f"numpy.{t}" for t in ("bool", "bool_", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
+                           "uint64", "float16", "float32", "float64", "complex64", "complex128", "str_", "bytes_")
 )
+_SKOPS_PLAIN = frozenset(f"builtins.{t}" for t in ("str", "int", "float", "bool", "NoneType", "list", "dict", "tuple"))
+# The skops node kinds that build data or an allowed class, each with the types it may name
+# (skops calls that type to build the node); FunctionNode, MethodNode, PartialNode,
+# OperatorFuncNode, ConstructorFromReduceNode ... would call or hand out functions.
+_SKOPS_NODES: dict[str, frozenset[str]] = {
+    "DictNode": frozenset({"builtins.dict"}),
+    "ListNode": frozenset({"builtins.list"}),
+    "TupleNode": frozenset({"builtins.tuple"}),
+    "JsonNode": _SKOPS_PLAIN,
+    "NdArrayNode": frozenset({"numpy.ndarray"}) | _NUMPY_SCALARS,
+    "ObjectNode": frozenset(c for c in ALLOWED_CLASSES if c.startswith("sklearn.") and c != "sklearn.tree._tree.Tree"),
+    "TreeNode": frozenset({"sklearn.tree._tree.Tree"}),
+    "TypeNode": ALLOWED_CLASSES | _NUMPY_SCALARS | _SKOPS_PLAIN,
+    "CachedNode": ALLOWED_CLASSES | _NUMPY_SCALARS | _SKOPS_PLAIN,
+}
+# How a pickle rebuilds a numpy scalar or a plain ndarray: functions, so each is called
+# only through a wrapper that checks its arguments (see _RECONSTRUCTORS below).
+_PICKLE_RECONSTRUCTORS = frozenset(
+    {
+        "numpy._core.multiarray.scalar", "numpy.core.multiarray.scalar",
+        "numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct",
+    }
+)
+_JOBLIB_WRAPPER = "joblib.numpy_pickle.NumpyArrayWrapper"
+PICKLE_GLOBALS = ALLOWED_CLASSES | _PICKLE_RECONSTRUCTORS | {_JOBLIB_WRAPPER}
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
-def is_trusted_global(module: str, name: str) -> bool:
-    full = f"{module}.{name}"
-    if full in TRUSTED_GLOBALS:
-        return True
-    if not full.startswith(TRUSTED_MODULE_PREFIXES):
-        return False
-    parts = set(module.split(".")) | set(name.split("."))
-    return not (parts & _UNTRUSTED_PARTS or parts & _UNTRUSTED_NAMES)
+def is_allowed_global(module: str, name: str) -> bool:
+    """Exactly `module.name` on the pickle allow-list: a dotted or computed name never is."""
+    return (
+        isinstance(module, str) and isinstance(name, str) and bool(_MODULE.fullmatch(module))
+        and bool(_IDENTIFIER.fullmatch(name)) and f"{module}.{name}" in PICKLE_GLOBALS
+    )
 
 
 class UnsafeArtefact(ModelLoadError):
-    """A model file that would import or call something outside the allow-list."""
+    """A model file that would import, call or build something outside the allow-list."""
 
 
 def dump(model: Any, path: Path, fmt: ModelFormat) -> None:
@@ -68,62 +108,121 @@ def dump(model: Any, path: Path, fmt: ModelFormat) -> None:
         raise ValueError(f"unknown model format {fmt!r}; use one of {', '.join(FORMATS)}")
 
 
-def untrusted_types(path: Path) -> list[str]:
-    import skops.io
-
-    return [t for t in skops.io.get_untrusted_types(file=path) if not is_trusted_global(*_split_type(t))]
-
-
-def _split_type(full: str) -> tuple[str, str]:
-    module, _, name = full.rpartition(".")
-    return module, name
-
-
 def load(path: Path, fmt: ModelFormat) -> Any:
-    """Reads a model file whose hash the caller has already verified."""
-    if fmt == "skops":
-        import skops.io
+    """Reads a model file from disk (tests and tools; the store uses `loads` on verified bytes)."""
+    if fmt not in FORMATS:
+        raise ModelLoadError(f"unknown model format {fmt!r}; use one of {', '.join(FORMATS)}")
+    return loads(Path(path).read_bytes(), fmt, str(path))
 
+
+def loads(data: bytes, fmt: ModelFormat, where: str) -> Any:
+    """The model in `data`, rebuilt from allowed classes only; `where` names it in errors."""
+    if fmt == "skops":
+        tree = _skops_tree(data, where)
         try:
-            refused = untrusted_types(path)
-            if refused:
-                raise ModelLoadError(
-                    f"{path} contains types outside the allow-list ({', '.join(refused)}); "
-                    "only scikit-learn, numpy and scipy objects are loaded from skops files"
-                )
-            trusted = skops.io.get_untrusted_types(file=path)
-            return skops.io.load(path, trusted=trusted)
-        except ModelLoadError:
-            raise
+            return tree.construct()
         except Exception as exc:
-            raise ModelLoadError(f"cannot read skops file {path}: {exc}") from exc
+            raise ModelLoadError(f"cannot read skops file {where}: {exc}") from exc
     if fmt == "joblib":
-        scan_pickle_file(path)  # raises before a single opcode is executed
+        scan_pickle(data, where)  # raises before a single opcode is executed
         try:
-            return _load_joblib_restricted(path)
+            return _RestrictedUnpickler(io.BytesIO(data), where).load_all()
         except ModelLoadError:
             raise
         except Exception as exc:
-            raise ModelLoadError(f"cannot read joblib file {path}: {exc}") from exc
+            raise ModelLoadError(f"cannot read joblib file {where}: {exc}") from exc
     raise ModelLoadError(f"unknown model format {fmt!r}; use one of {', '.join(FORMATS)}")
 
 
-# ---- static scan of joblib/pickle files ------------------------------------------------------
+def check(data: bytes, fmt: ModelFormat, where: str) -> None:
+    """Refuses `data` as `loads` would, without building anything (before signing)."""
+    if fmt == "skops":
+        _skops_tree(data, where)
+    elif fmt == "joblib":
+        scan_pickle(data, where)
+    else:
+        raise ModelLoadError(f"unknown model format {fmt!r}; use one of {', '.join(FORMATS)}")
+
+
+# ---- skops ------------------------------------------------------------------------------------
+
+
+def _skops_tree(data: bytes, where: str) -> Any:
+    """The file's node tree, audited against the allow-list; nothing constructed yet."""
+    import zipfile
+
+    from skops.io._audit import audit_tree, get_tree
+    from skops.io._utils import read_schema
+
+    trusted = sorted(ALLOWED_CLASSES | _NUMPY_SCALARS | _SKOPS_PLAIN)
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            schema, context = read_schema(archive)
+            tree = get_tree(schema, context, trusted=trusted)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read skops file {where}: {exc}") from exc
+    refused = sorted(_skops_refused(tree))
+    if refused:
+        raise UnsafeArtefact(
+            f"{where} contains types outside the allow-list ({', '.join(refused)}); "
+            "only the reviewed scikit-learn and numpy classes in serve_app/artefacts.py are loaded"
+        )
+    try:
+        audit_tree(tree, trusted=trusted)  # skops's own check, with the same fixed list
+    except Exception as exc:
+        raise UnsafeArtefact(f"{where} was refused by skops's audit: {exc}") from exc
+    return tree
+
+
+def _skops_refused(root: Any) -> set[str]:
+    from skops.io._audit import Node
+    from skops.io._utils import get_module
+
+    allowed = ALLOWED_CLASSES | _NUMPY_SCALARS | _SKOPS_PLAIN
+    refused: set[str] = set()
+    seen: set[int] = set()
+    pending = [root]
+    while pending:
+        node = pending.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        full = f"{node.module_name}.{node.class_name}"
+        kind = type(node).__name__
+        if full not in allowed:
+            refused.add(full)
+        elif full not in _SKOPS_NODES.get(kind, frozenset()):
+            refused.add(f"{full} (as {kind})")
+        for child in node.children.values():
+            items = child if isinstance(child, list) else list(child.values()) if isinstance(child, dict) else [child]
+            for item in items:
+                if isinstance(item, Node):
+                    pending.append(item)
+                elif type(item) is type and f"{get_module(item)}.{item.__name__}" not in allowed:
+                    refused.add(f"{get_module(item)}.{item.__name__}")
+    return refused
+
+
+# ---- static scan of joblib/pickle bytes -------------------------------------------------------
 #
 # A small symbolic pickle machine: it walks the opcodes, keeps literals, tuples, lists, dicts
 # and the memo, and stands in a placeholder for every object that would be built, so nothing
-# is imported or called. Every GLOBAL/STACK_GLOBAL/INST is checked against the allow-list.
-# joblib writes each numpy array's raw bytes straight after the array wrapper's BUILD
-# opcode; the scan reads the wrapper's shape and dtype from the symbolic state and skips
-# exactly those bytes, as joblib's reader does, so it stays in step with the real load.
+# is imported or called. Every GLOBAL/STACK_GLOBAL is checked against the exact allow-list,
+# REDUCE/NEWOBJ may only call an allowed class or reconstructor, BUILD may only set the
+# state of an allowed class. joblib writes each numpy array's raw bytes straight after the
+# array wrapper's BUILD; the scan skips them, by a size it computes from a plain dtype name.
+# The loader reads arrays itself with the same rules, so a file that made the two disagree
+# would still meet the allow-list in the loader.
 
-_DTYPE_NAME = re.compile(r"^[<>|=]?[a-zA-Z]\d*$")
+_DTYPE_NAME = re.compile(r"^[<>|=]?([biufcUSOV])(\d{1,5})$")
+_WRAPPER_KEYS = {"subclass", "shape", "order", "dtype", "allow_mmap", "numpy_array_alignment_bytes"}
 _MAX_NESTED_PICKLES = 10_000
 _REFUSED_OPCODES = {
     "PERSID": "persistent ids", "BINPERSID": "persistent ids",
     "EXT1": "the copyreg extension registry", "EXT2": "the copyreg extension registry",
     "EXT4": "the copyreg extension registry",
     "NEXT_BUFFER": "out-of-band buffers", "READONLY_BUFFER": "out-of-band buffers",
+    "INST": "protocol 0 instances", "OBJ": "protocol 0 instances",
 }
 
 
@@ -135,21 +234,23 @@ _MARK = _Mark()
 
 
 class _Global:
-    def __init__(self, module: str, name: str) -> None:
-        self.full = f"{module}.{name}"
+    def __init__(self, full: str) -> None:
+        self.full = full
 
 
 class _Built:
-    """An object the real unpickler would create (by a call, NEWOBJ or INST)."""
+    """An object the real unpickler would create (by REDUCE or NEWOBJ)."""
 
-    def __init__(self, factory: Any, args: Any) -> None:
+    def __init__(self, factory: _Global | None, args: Any) -> None:
         self.factory = factory
         self.args = args
         self.state: Any = None
 
 
-def _factory_name(value: Any) -> str | None:
-    return value.full if isinstance(value, _Global) else None
+class _Dict(dict):  # type: ignore[type-arg]
+    """A dict the scan tracks; `suspect` once a key could not be known or came twice."""
+
+    suspect = False
 
 
 def _pop_mark(stack: list[Any]) -> list[Any]:
@@ -161,47 +262,90 @@ def _pop_mark(stack: list[Any]) -> list[Any]:
     raise ValueError("MARK expected on the stack")
 
 
-def _array_bytes(state: Any) -> tuple[int, bool, bool]:
-    """(data bytes, nested pickle?, alignment byte?) of one joblib NumpyArrayWrapper."""
-    if not isinstance(state, dict):
-        raise ValueError("array wrapper without a state dict")
-    shape, dtype = state.get("shape"), state.get("dtype")
-    if not isinstance(shape, tuple) or not all(type(d) is int and d >= 0 for d in shape):
-        raise ValueError(f"array wrapper shape {shape!r} is not a tuple of sizes")
-    if not (isinstance(dtype, _Built) and _factory_name(dtype.factory) == "numpy.dtype"):
-        raise ValueError("array wrapper dtype is not a numpy.dtype")
-    args, dstate = dtype.args, dtype.state
-    if not (isinstance(args, tuple) and args and isinstance(args[0], str) and _DTYPE_NAME.match(args[0])):
-        raise ValueError(f"array wrapper dtype {args!r} is not a plain dtype name")
+def _plain_dtype(name: Any, state: Any) -> tuple[int, bool]:
+    """(item size, object dtype?) of a dtype pickled as numpy does; ValueError otherwise.
+
+    The size comes from the dtype's name alone, and the state must agree with it: a state
+    claiming another item size (numpy would believe it) is refused, so the scan and the
+    loader cannot skip different numbers of bytes.
+    """
+    match = _DTYPE_NAME.match(name) if isinstance(name, str) else None
+    if match is None:
+        raise ValueError(f"dtype {name!r} is not a plain dtype name")
     import numpy as np
 
-    itemsize = np.dtype(args[0]).itemsize
-    has_object = args[0].lstrip("<>|=").startswith("O")
-    if isinstance(dstate, tuple) and len(dstate) >= 8:
-        if type(dstate[5]) is int and dstate[5] > 0:
-            itemsize = dstate[5]  # structured and unicode dtypes keep their size here
-        has_object = has_object or (type(dstate[7]) is int and bool(dstate[7] & 1))
+    itemsize = np.dtype(name).itemsize
+    kind = match.group(1)
+    if state is None:
+        if kind == "V":
+            raise ValueError(f"dtype {name!r} has no fields")
+        return itemsize, kind == "O"
+    # numpy's state: (3, byte order, subarray, names, fields, item size, alignment, flags)
+    if not (isinstance(state, tuple) and len(state) == 8 and state[0] == 3 and state[2] is None):
+        raise ValueError(f"dtype {name!r} has an unexpected state")
+    names, fields = state[3], state[4]
+    if kind == "V":  # a structured dtype (sklearn's tree nodes): plain fields inside its size
+        if not (isinstance(names, tuple) and isinstance(fields, _Dict) and not fields.suspect
+                and names and set(names) == set(fields) and all(type(n) is str for n in names)):
+            raise ValueError(f"structured dtype {name!r} without a plain list of fields")
+        for field in fields.values():
+            if not (isinstance(field, tuple) and len(field) == 2 and isinstance(field[0], _Built)
+                    and field[0].factory is not None and field[0].factory.full == "numpy.dtype"
+                    and type(field[1]) is int and field[1] >= 0):
+                raise ValueError(f"structured dtype {name!r} has a field that is not a plain dtype")
+            size, nested = _plain_dtype(field[0].args[0] if isinstance(field[0].args, tuple) and field[0].args else None,
+                                        field[0].state)
+            if nested or field[1] + size > itemsize:
+                raise ValueError(f"structured dtype {name!r} has a field outside its item size")
+    elif names is not None or fields is not None:
+        raise ValueError(f"dtype {name!r} has fields")
+    if type(state[5]) is not int or state[5] not in (-1, itemsize):
+        raise ValueError(f"dtype {name!r} claims an item size of {state[5]!r}, not {itemsize}")
+    if type(state[7]) is not int or bool(state[7] & 1) != (kind == "O"):
+        raise ValueError(f"dtype {name!r} has flags {state[7]!r} that do not match its kind")
+    return itemsize, kind == "O"
+
+
+def _array_bytes(state: Any) -> tuple[int, bool, bool]:
+    """(data bytes, nested pickle?, alignment byte?) of one joblib NumpyArrayWrapper."""
+    if type(state) is not _Dict or state.suspect or set(state) - _WRAPPER_KEYS or not {"shape", "dtype"} <= set(state):
+        raise ValueError("array wrapper state is not a plain dict of the expected keys")
+    shape, dtype = state["shape"], state["dtype"]
+    if not isinstance(shape, tuple) or not all(type(d) is int and d >= 0 for d in shape):
+        raise ValueError(f"array wrapper shape {shape!r} is not a tuple of sizes")
+    if not (isinstance(dtype, _Built) and dtype.factory is not None and dtype.factory.full == "numpy.dtype"):
+        raise ValueError("array wrapper dtype is not a numpy.dtype")
+    args = dtype.args
+    if not (isinstance(args, tuple) and len(args) == 3 and args[1:] == (False, True)):
+        raise ValueError(f"array wrapper dtype {args!r} is not a plain dtype")
+    itemsize, is_object = _plain_dtype(args[0], dtype.state)
     count = 1
     for d in shape:
         count *= d
-    aligned = state.get("numpy_array_alignment_bytes") is not None
-    return count * itemsize, has_object, aligned
+    return count * itemsize, is_object, state.get("numpy_array_alignment_bytes") is not None
 
 
 def _scan_stream(handle: IO[bytes], where: str, found: set[str], budget: list[int]) -> None:
     stack: list[Any] = []
     memo: dict[int, Any] = {}
 
-    def check(module: Any, name: Any) -> _Global:
+    def check_global(module: Any, name: Any) -> _Global:
         if not isinstance(module, str) or not isinstance(name, str):
             raise UnsafeArtefact(f"{where}: a global whose name is computed; refusing it")
         found.add(f"{module}.{name}")
-        if not is_trusted_global(module, name):
+        if not is_allowed_global(module, name):
             raise UnsafeArtefact(
                 f"{where} would import {module}.{name}, which is not on the allow-list "
-                "(scikit-learn, numpy, scipy); the file was not unpickled"
+                "(exact scikit-learn and numpy classes); the file was not unpickled"
             )
-        return _Global(module, name)
+        return _Global(f"{module}.{name}")
+
+    def callable_of(value: Any, op: str) -> _Global:
+        if not isinstance(value, _Global) or value.full == _JOBLIB_WRAPPER and op == "REDUCE":
+            raise UnsafeArtefact(f"{where}: {op} on something that is not an allowed class; refusing it")
+        if value.full in _PICKLE_RECONSTRUCTORS and op != "REDUCE":
+            raise UnsafeArtefact(f"{where}: {op} on {value.full}; refusing it")
+        return value
 
     for opcode, arg, _pos in pickletools.genops(handle):
         op = opcode.name
@@ -213,34 +357,33 @@ def _scan_stream(handle: IO[bytes], where: str, found: set[str], budget: list[in
             return
         if op == "MARK":
             stack.append(_MARK)
-        elif op in ("GLOBAL", "INST"):
+        elif op == "GLOBAL":
             module, _, name = str(arg).partition(" ")
-            target = check(module, name)
-            if op == "GLOBAL":
-                stack.append(target)
-            else:
-                stack.append(_Built(target, tuple(_pop_mark(stack))))
+            stack.append(check_global(module, name))
         elif op == "STACK_GLOBAL":
             name = stack.pop()
-            stack.append(check(stack.pop(), name))
-        elif op == "OBJ":
-            items = _pop_mark(stack)
-            stack.append(_Built(items[0] if items else None, tuple(items[1:])))
+            stack.append(check_global(stack.pop(), name))
         elif op in ("REDUCE", "NEWOBJ"):
             args = stack.pop()
-            stack.append(_Built(stack.pop(), args))
+            factory = callable_of(stack.pop(), op)
+            if not isinstance(args, tuple):
+                raise UnsafeArtefact(f"{where}: {op} arguments are not a tuple; refusing it")
+            stack.append(_Built(factory, args))
         elif op == "NEWOBJ_EX":
             stack.pop()
             args = stack.pop()
-            stack.append(_Built(stack.pop(), args))
+            stack.append(_Built(callable_of(stack.pop(), op), args))
         elif op == "BUILD":
             state = stack.pop()
             target = stack[-1]
-            if isinstance(target, _Built):
-                target.state = state
-                if _factory_name(target.factory) == "joblib.numpy_pickle.NumpyArrayWrapper":
-                    _skip_array(handle, state, where, found, budget)
-                    stack[-1] = _Built(None, ())
+            factory = target.factory.full if isinstance(target, _Built) and target.factory is not None else ""
+            # An allowed class, joblib's array wrapper, or an ndarray from _reconstruct.
+            if not (factory in ALLOWED_CLASSES or factory == _JOBLIB_WRAPPER or factory.endswith("._reconstruct")):
+                raise UnsafeArtefact(f"{where}: BUILD on something that is not an allowed class; refusing it")
+            target.state = state
+            if factory == _JOBLIB_WRAPPER:
+                _skip_array(handle, state, where, found, budget)
+                stack[-1] = _Built(None, ())
         elif op in ("NONE", "NEWTRUE", "NEWFALSE"):
             stack.append({"NONE": None, "NEWTRUE": True, "NEWFALSE": False}[op])
         elif op == "EMPTY_TUPLE":
@@ -265,15 +408,17 @@ def _scan_stream(handle: IO[bytes], where: str, found: set[str], budget: list[in
             if isinstance(stack[-1], list):
                 stack[-1].extend(items)
         elif op == "EMPTY_DICT":
-            stack.append({})
+            stack.append(_Dict())
         elif op in ("DICT", "SETITEMS", "SETITEM"):
             items = _pop_mark(stack) if op != "SETITEM" else stack[-2:]
             if op == "SETITEM":
                 del stack[-2:]
-            target = {} if op == "DICT" else stack[-1]
-            if isinstance(target, dict):
+            target = _Dict() if op == "DICT" else stack[-1]
+            if isinstance(target, _Dict):
                 for key, value in zip(items[::2], items[1::2]):
-                    if isinstance(key, (str, int, float, bytes, tuple, type(None))):
+                    if type(key) not in (str, int, float, bytes, bool, type(None)) or key in target:
+                        target.suspect = True  # the real unpickler might store a key the scan cannot name
+                    else:
                         target[key] = value
             if op == "DICT":
                 stack.append(target)
@@ -300,6 +445,7 @@ def _scan_stream(handle: IO[bytes], where: str, found: set[str], budget: list[in
             stack.append(arg)  # a literal: INT, LONG, FLOAT, the string and bytes opcodes
         else:
             raise UnsafeArtefact(f"{where}: unexpected pickle opcode {op}; refusing it")
+    raise ValueError("the pickle has no STOP")
 
 
 def _skip_array(handle: IO[bytes], state: Any, where: str, found: set[str], budget: list[int]) -> None:
@@ -322,37 +468,191 @@ def _skip_array(handle: IO[bytes], state: Any, where: str, found: set[str], budg
     handle.seek(start + size)
 
 
-def scan_pickle_file(path: Path) -> list[str]:
+def scan_pickle(data: bytes, where: str) -> list[str]:
     """Every global a joblib/pickle file names, all on the allow-list, or UnsafeArtefact.
 
     Nothing in the file is imported or executed. Compressed joblib files are refused: the
     store writes them uncompressed, and a scan must see the same bytes the loader reads.
     """
     found: set[str] = set()
-    with open(path, "rb") as handle:
-        if handle.read(1) != b"\x80":
-            raise UnsafeArtefact(f"{path} is not an uncompressed pickle (protocol 2+); refusing it")
-        handle.seek(0)
-        try:
-            _scan_stream(handle, str(path), found, [_MAX_NESTED_PICKLES])
-        except UnsafeArtefact:
-            raise
-        except Exception as exc:  # malformed: the scan cannot vouch for it, so it is not loaded
-            raise UnsafeArtefact(f"{path} is not a well-formed joblib pickle ({exc}); refusing it") from None
-        if handle.read(1):
-            raise UnsafeArtefact(f"{path} has bytes after the end of its pickle; refusing it")
+    if data[:1] != b"\x80":
+        raise UnsafeArtefact(f"{where} is not an uncompressed pickle (protocol 2+); refusing it")
+    handle = io.BytesIO(data)
+    try:
+        _scan_stream(handle, where, found, [_MAX_NESTED_PICKLES])
+    except UnsafeArtefact:
+        raise
+    except Exception as exc:  # malformed: the scan cannot vouch for it, so it is not loaded
+        raise UnsafeArtefact(f"{where} is not a well-formed joblib pickle ({exc}); refusing it") from None
+    if handle.read(1):
+        raise UnsafeArtefact(f"{where} has bytes after the end of its pickle; refusing it")
     return sorted(found)
 
 
-def _load_joblib_restricted(path: Path) -> Any:
-    """joblib's own reader, with the allow-list enforced again on every global it resolves."""
-    from joblib.numpy_pickle import NumpyUnpickler
+def scan_pickle_file(path: Path) -> list[str]:
+    return scan_pickle(Path(path).read_bytes(), str(path))
 
-    class AllowListUnpickler(NumpyUnpickler):  # type: ignore[misc]
-        def find_class(self, module: str, name: str) -> Any:
-            if not is_trusted_global(module, name):
-                raise UnsafeArtefact(f"{path} would import {module}.{name}, which is not on the allow-list")
-            return super().find_class(module, name)
 
-    with open(path, "rb") as handle:
-        return AllowListUnpickler(str(path), handle, ensure_native_byte_order=True).load()
+# ---- the restricted unpickler -----------------------------------------------------------------
+
+
+class _ArrayWrapper:
+    """Stands in for joblib's NumpyArrayWrapper: BUILD gives it a state, then it reads its array."""
+
+
+def _allowed_object(full: str) -> Any:
+    module, _, name = full.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _numpy_function(name: str) -> Any:
+    try:
+        return _allowed_object(f"numpy._core.multiarray.{name}")
+    except ImportError:  # numpy 1.x
+        return _allowed_object(f"numpy.core.multiarray.{name}")
+
+
+def _checked_scalar(dtype: Any, data: Any = None) -> Any:
+    import numpy as np
+
+    if not isinstance(dtype, np.dtype) or dtype.hasobject or dtype.fields is not None:
+        raise UnsafeArtefact("a numpy scalar with an object or structured dtype; refusing it")
+    if not isinstance(data, bytes) or len(data) != dtype.itemsize:
+        raise UnsafeArtefact("a numpy scalar whose bytes do not match its dtype; refusing it")
+    return _numpy_function("scalar")(dtype, data)
+
+
+def _checked_reconstruct(cls: Any, shape: Any, dtype_code: Any) -> Any:
+    import numpy as np
+
+    if cls is not np.ndarray or not isinstance(shape, tuple) or not isinstance(dtype_code, bytes):
+        raise UnsafeArtefact("a numpy array rebuilt with unexpected arguments; refusing it")
+    return _numpy_function("_reconstruct")(cls, shape, dtype_code)
+
+
+class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
+    """Python's own unpickler, but every global, call and state goes through the allow-list."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
+
+    def __init__(self, handle: IO[bytes], where: str, depth: int = 0) -> None:
+        super().__init__(handle)
+        self.handle = handle
+        self.where = where
+        self.depth = depth
+        self._classes: dict[int, str] = {}
+
+    def load_all(self) -> Any:
+        value = self.load()
+        if self.handle.read(1):
+            raise UnsafeArtefact(f"{self.where} has bytes after the end of its pickle; refusing it")
+        return value
+
+    def find_class(self, module: str, name: str) -> Any:
+        if not is_allowed_global(module, name):
+            raise UnsafeArtefact(f"{self.where} would import {module}.{name}, which is not on the allow-list")
+        full = f"{module}.{name}"
+        if full == _JOBLIB_WRAPPER:
+            return _ArrayWrapper
+        if full.endswith(".scalar"):
+            return _checked_scalar
+        if full.endswith("._reconstruct"):
+            return _checked_reconstruct
+        return _allowed_object(full)
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafeArtefact(f"{self.where} uses persistent ids; refusing it")
+
+    def _allowed_callable(self, value: Any, op: str) -> None:
+        if op == "REDUCE" and (value is _checked_scalar or value is _checked_reconstruct):
+            return
+        if value is _ArrayWrapper:
+            if op == "NEWOBJ":
+                return
+        elif isinstance(value, type) and f"{value.__module__}.{value.__qualname__}" in ALLOWED_CLASSES:
+            return
+        raise UnsafeArtefact(f"{self.where}: {op} on {value!r}, which is not an allowed class; refusing it")
+
+    def load_reduce(self) -> None:
+        args = self.stack.pop()
+        func = self.stack[-1]
+        self._allowed_callable(func, "REDUCE")
+        if not isinstance(args, tuple):
+            raise UnsafeArtefact(f"{self.where}: REDUCE arguments are not a tuple; refusing it")
+        self.stack[-1] = func(*args)
+
+    dispatch[pickle.REDUCE[0]] = load_reduce
+
+    def load_newobj(self) -> None:
+        args = self.stack.pop()
+        cls = self.stack.pop()
+        self._allowed_callable(cls, "NEWOBJ")
+        self.append(object.__new__(cls) if cls is _ArrayWrapper else cls.__new__(cls, *args))
+
+    dispatch[pickle.NEWOBJ[0]] = load_newobj
+
+    def _refuse(self) -> None:
+        raise UnsafeArtefact(f"{self.where} uses an opcode the model loader does not accept; refusing it")
+
+    for _op in (pickle.NEWOBJ_EX, pickle.INST, pickle.OBJ, pickle.EXT1, pickle.EXT2, pickle.EXT4,
+                pickle.NEXT_BUFFER, pickle.READONLY_BUFFER, pickle.PERSID, pickle.BINPERSID):
+        dispatch[_op[0]] = _refuse
+    del _op
+
+    def load_build(self) -> None:
+        import numpy as np
+
+        state = self.stack[-1]
+        target = self.stack[-2]
+        if isinstance(target, _ArrayWrapper):
+            self.stack.pop()
+            self.stack[-1] = self._read_array(state)
+            return
+        allowed = type(target) is np.ndarray or isinstance(target, np.dtype) or (
+            f"{type(target).__module__}.{type(target).__qualname__}" in ALLOWED_CLASSES
+        )
+        if not allowed:
+            raise UnsafeArtefact(f"{self.where}: BUILD on a {type(target).__name__}, which is not an allowed class")
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
+
+    def _read_array(self, state: Any) -> Any:
+        import numpy as np
+
+        if type(state) is not dict or set(state) - _WRAPPER_KEYS or not {"shape", "dtype"} <= set(state):
+            raise UnsafeArtefact(f"{self.where}: an array wrapper with an unexpected state; refusing it")
+        shape, dtype, order = state["shape"], state["dtype"], state.get("order", "C")
+        if state.get("subclass", np.ndarray) is not np.ndarray or order not in ("C", "F"):
+            raise UnsafeArtefact(f"{self.where}: an array that is not a plain C or F ndarray; refusing it")
+        if not isinstance(shape, tuple) or not all(type(d) is int and d >= 0 for d in shape):
+            raise UnsafeArtefact(f"{self.where}: an array shape {shape!r} that is not a tuple of sizes")
+        if not isinstance(dtype, np.dtype) or dtype.subdtype is not None or (dtype.fields is not None) != (dtype.kind == "V"):
+            raise UnsafeArtefact(f"{self.where}: an array whose dtype is not a plain numpy dtype")
+        if dtype.itemsize != np.dtype(dtype.str).itemsize or dtype.kind not in "biufcUSOV" or (
+            dtype.kind == "V" and dtype.hasobject
+        ):
+            raise UnsafeArtefact(f"{self.where}: an array dtype {dtype!r} with a false item size or kind")
+        count = 1
+        for d in shape:
+            count *= d
+        if dtype.hasobject:
+            if self.depth >= 64:
+                raise UnsafeArtefact(f"{self.where}: object arrays nested too deep")
+            array = _RestrictedUnpickler(self.handle, self.where, self.depth + 1).load()
+            if not isinstance(array, np.ndarray) or array.shape != shape or array.dtype != dtype:
+                raise UnsafeArtefact(f"{self.where}: an object array that does not match its wrapper")
+            return array
+        if state.get("numpy_array_alignment_bytes") is not None:
+            padding = self.handle.read(1)
+            if len(padding) != 1:
+                raise ValueError("file ends inside an array")
+            self.handle.read(padding[0])
+        size = count * dtype.itemsize
+        data = self.handle.read(size)
+        if len(data) != size:
+            raise ValueError(f"an array of {size} bytes runs past the end of the file")
+        array = np.frombuffer(data, dtype=dtype, count=count).copy()
+        array = array.reshape(shape[::-1]).transpose() if order == "F" else array.reshape(shape)
+        return array.astype(dtype.newbyteorder("=")) if dtype.byteorder not in ("=", "|") else array
+

@@ -10,7 +10,9 @@ Off unless the application's `args` name where the key lives:
 The key is read once, when a replica starts; if it is named but missing, too short or
 unreadable the replica refuses to start (fail closed, never silently open). Probes
 (`/v2/health/*`, model readiness, `/v1/models/{name}`) and `/openapi.json` stay open so
-load balancers and orchestrators need no secret. Keys are compared with
+load balancers and orchestrators need no secret; they answer from the versions a replica
+already holds and never read the model store. Every route that reveals or loads stored
+versions (metadata, version lists, inference on a named version) needs the key. Keys are compared with
 `hmac.compare_digest`, in time independent of where they differ.
 """
 

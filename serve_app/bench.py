@@ -228,6 +228,7 @@ class RayDeployment:
         if isinstance(monitoring, dict) and monitoring.get("log_dir"):
             # The prediction log stays on (it is part of what is measured) but not in the repo.
             app["args"]["monitoring"] = {**monitoring, "log_dir": str(self.work_dir / "predictions")}
+        ops.check_config(config, str(config_path))  # before Ray starts: a typo is said at once
         return config
 
     def environment(self) -> dict[str, str]:

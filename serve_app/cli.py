@@ -11,6 +11,7 @@ from typing import Any, Callable, Sequence
 
 from serve_app import processes
 from serve_app.errors import ServeAppError
+from serve_app.ops import DeployFailed
 from serve_app.settings import default_store
 from serve_app.store import DEFAULT_ALIAS, ModelStore
 
@@ -236,6 +237,47 @@ def cmd_models_history(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_sign(args: argparse.Namespace) -> int:
+    """Signs versions as their publisher, after checking them (nothing is unpickled)."""
+    store = _store(args)
+    refs = store.versions(args.name) if args.ref == "all" else [args.ref]
+    for ref in refs:
+        version = store.sign_version(args.name, ref)
+        print(f"signed {args.name} v{version}")
+    return 0
+
+
+def cmd_keys_show(args: argparse.Namespace) -> int:
+    from serve_app import signing
+
+    key = signing.local_signer(create=not args.no_create).public_key()
+    public = signing.signing_dir() / signing.PUBLIC_KEY_FILENAME
+    print(f"key id: {signing.key_id(key)}\npublic key: {public}\n{public.read_text().strip()}")
+    return 0
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    """A new key pair, then every version that verifies under the old key re-signed with it."""
+    from serve_app import signing
+
+    store = _store(args)
+    public = signing.signing_dir() / signing.PUBLIC_KEY_FILENAME
+    old_keys = signing.trusted_keys([str(public)]) if public.exists() else {}
+    old_id, new_id = signing.rotate()
+    print(f"new key {new_id}" + (f" (the old key {old_id} is in {signing.signing_dir() / signing.RETIRED_DIRNAME})" if old_id else ""))
+    for name in store.names():
+        for version in store.versions(name):
+            try:
+                store.verify_signature(name, version, old_keys)
+            except ServeAppError as exc:
+                print(f"not re-signed {name} v{version}: {exc.message}")
+                continue
+            store.sign_version(name, version)
+            print(f"re-signed {name} v{version}")
+    print(f"give replicas the new public key {public} (args.trusted_keys)")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from serve_app.report import fetch, render_html, render_png
 
@@ -254,7 +296,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from serve_app.launcher import run
 
-    return run(Path(args.config), fast_path=not args.no_fast_path)
+    return run(Path(args.config), fast_path=not args.no_fast_path, dashboard_port=args.dashboard_port)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -377,10 +419,24 @@ def build_parser() -> argparse.ArgumentParser:
     history = with_store(sub.add_parser("history", help="the append-only log of alias moves"))
     history.add_argument("name")
     history.set_defaults(func=cmd_models_history)
+    sign = with_store(sub.add_parser("sign", help="sign a version (or all) with this machine's publisher key"))
+    sign.add_argument("name")
+    sign.add_argument("ref", help="version number or alias, or 'all'")
+    sign.set_defaults(func=cmd_models_sign)
+
+    keys = commands.add_parser("keys", help="the publisher key that signs model versions (serve_app/signing.py)")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    show_key = keys_sub.add_parser("show", help="the public key to give replicas (creates the pair on first use)")
+    show_key.add_argument("--no-create", action="store_true", help="fail if there is no key yet")
+    show_key.set_defaults(func=cmd_keys_show)
+    rotate = with_store(keys_sub.add_parser("rotate", help="a new key pair; re-sign the store's versions with it"))
+    rotate.set_defaults(func=cmd_keys_rotate)
 
     run = commands.add_parser("run", help="serve a config in the foreground on a fresh local Ray (Ctrl-C stops all)")
     run.add_argument("--config", default="configs/local.yaml")
     run.add_argument("--no-fast-path", action="store_true", help="use Ray's default proxy instead of HAProxy")
+    run.add_argument("--dashboard-port", type=int, default=None,
+                     help="the Ray dashboard's port (default: 8265, Ray's own, or the next free one)")
     run.set_defaults(func=cmd_run)
 
     report = commands.add_parser("report", help="render a running app's monitoring (traffic, latency, classes, drift, accuracy) as HTML")
@@ -441,6 +497,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = exc.message if isinstance(exc, ServeAppError) else str(exc)
         print(f"serve-app: error: {message}", file=sys.stderr)
         return 2
+    except DeployFailed as exc:  # serve-app bench / tune: the app they deployed cannot start
+        print(f"serve-app: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from serve_app.microbatch import BATCHERS
 from serve_app.monitoring import replica_monitor
 from serve_app.predictor import PREDICT, PREDICT_PROBA, Predictor
 from serve_app.service import ModelService
-from serve_app.settings import AppSettings, RuntimeSettings
+from serve_app.settings import AppSettings, RuntimeSettings, runtime_settings
 from serve_app.traffic import TrafficLedger
 
 logger = logging.getLogger("ray.serve")
@@ -92,7 +92,7 @@ class ModelServer:
         self._batcher: Any = self._new_batcher(self.runtime)
 
     def reconfigure(self, user_config: Mapping[str, Any]) -> None:
-        runtime = RuntimeSettings.model_validate(user_config or {})
+        runtime = runtime_settings(user_config)  # ConfigError naming the bad key, not pydantic's traceback
         try:
             self.service.configure(runtime)
         except ServeAppError as exc:

@@ -135,7 +135,7 @@ def build_http_app(backend: InferenceBackend) -> Starlette:
         return json_response(payload, headers=_answered_by(result.model, result.version))
 
     async def v1_model(request: Request) -> Response:
-        predictor = backend.service.predictor(None, request.path_params["name"])
+        predictor = backend.service.loaded_predictor(None, request.path_params["name"])  # open: memory only
         return json_response({"name": predictor.name, "ready": True, "version": predictor.version})
 
     # ---- Open Inference Protocol V2 ------------------------------------------------
@@ -158,7 +158,10 @@ def build_http_app(backend: InferenceBackend) -> Starlette:
         return json_response(v2_metadata(v2_predictor(request), backend.service.store.versions(backend.service.name)))
 
     async def v2_model_ready(request: Request) -> Response:
-        predictor = v2_predictor(request)
+        # A probe, open without the API key: it answers from versions already loaded here
+        # and never loads one from disk, so an unauthenticated caller cannot make a replica
+        # read (or learn about) stored versions.
+        predictor = backend.service.loaded_predictor(request.path_params.get("version"), request.path_params["name"])
         return json_response({"name": predictor.name, "version": predictor.version, "ready": True})
 
     async def v2_infer(request: Request) -> Response:

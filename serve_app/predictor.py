@@ -63,14 +63,16 @@ class Predictor:
     ) -> "Predictor":
         """Loads `name` at a version or alias, refusing a file or library that doesn't match."""
         store = store if isinstance(store, ModelStore) else ModelStore(store)
-        manifest = store.manifest(name, ref)
-        check_library_versions(manifest)
-        if expected_features is not None and expected_features != manifest.n_features:
-            raise ModelLoadError(
-                f"the config expects {expected_features} features but {name} v{manifest.version} "
-                f"takes {manifest.n_features} ({', '.join(manifest.feature_names)})"
-            )
-        model, manifest = store.load_verified(name, manifest.version)
+
+        def check(manifest: Manifest) -> None:  # on the verified manifest, before the model is read
+            check_library_versions(manifest)
+            if expected_features is not None and expected_features != manifest.n_features:
+                raise ModelLoadError(
+                    f"the config expects {expected_features} features but {name} v{manifest.version} "
+                    f"takes {manifest.n_features} ({', '.join(manifest.feature_names)})"
+                )
+
+        model, manifest = store.load_verified(name, ref, check)
         return cls(model, manifest, max_rows=max_rows)
 
     @property

@@ -12,7 +12,7 @@ import signal
 import socket
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 Process = tuple[int, int]  # (pid, start time in clock ticks): unique for the machine's uptime
 
@@ -47,10 +47,14 @@ def ray_token_auth_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     environ = os.environ if environ is None else environ
     if "RAY_AUTH_MODE" in environ:
         return {}
+    return {"RAY_AUTH_MODE": "token"} if ray_token_available(environ) else {}
+
+
+def ray_token_available(environ: Mapping[str, str] | None = None) -> bool:
+    """A Ray auth token is at hand: RAY_AUTH_TOKEN, or the file Ray writes (~/.ray/auth_token)."""
+    environ = os.environ if environ is None else environ
     token_file = Path(environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
-    if environ.get("RAY_AUTH_TOKEN") or token_file.is_file():
-        return {"RAY_AUTH_MODE": "token"}
-    return {}
+    return bool(environ.get("RAY_AUTH_TOKEN")) or token_file.is_file()
 
 
 def _stat(pid: int) -> tuple[int, int] | None:
@@ -116,6 +120,51 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
         except OSError:
             return False
     return True
+
+
+def listeners(port: int) -> list[tuple[int, str]]:
+    """(pid, command line) of each process with a TCP socket listening on `port`, as far
+    as /proc shows them (this network namespace; other users' processes may be hidden)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(f"socket:[{fields[9]}]")
+    found: list[tuple[int, str]] = []
+    for entry in os.listdir("/proc") if inodes else []:
+        if not entry.isdigit():
+            continue
+        try:
+            holds = any(os.readlink(f"/proc/{entry}/fd/{fd}") in inodes for fd in os.listdir(f"/proc/{entry}/fd"))
+            command = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        if holds:
+            found.append((int(entry), command))
+    return found
+
+
+def with_arguments(*markers: str) -> list[Process]:
+    """Live processes whose command line contains every one of `markers` (e.g. "haproxy"
+    and a run's private folder, which its HAProxy names even once it left the process tree)."""
+    found: list[Process] = []
+    needles = [marker.encode() for marker in markers]
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            command = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        info = _stat(int(entry)) if all(needle in command for needle in needles) else None
+        if info is not None:
+            found.append((int(entry), info[1]))
+    return found
 
 
 def free_port() -> int:

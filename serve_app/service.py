@@ -53,7 +53,7 @@ class Routing:
 class ModelService:
     def __init__(self, settings: AppSettings, *, max_loaded: int = MAX_LOADED_VERSIONS) -> None:
         self.settings = settings
-        self.store = ModelStore(settings.store)
+        self.store = ModelStore(settings.store, trusted_keys=getattr(settings, "trusted_keys", None))
         self.max_loaded = max_loaded
         self._loaded: OrderedDict[str, Predictor] = OrderedDict()
         self._lock = threading.Lock()
@@ -143,6 +143,29 @@ class ModelService:
             if loaded is not None:
                 return loaded
         return self._load(self.store.resolve(self.name, ref))
+
+    def loaded_predictor(self, ref: str | None = None, model: str | None = None) -> Predictor:
+        """A version this replica already holds (routed or loaded), never read from disk.
+
+        For readiness probes, which need no API key: an unknown or unloaded version is a
+        404 that names only what was asked, not the versions or aliases in the store.
+        """
+        if model is not None and model != self.name:
+            raise NotFound(f"unknown model {model[:64]!r}; this server serves {self.name!r}")
+        routing = self.routing
+        if routing is None:
+            raise NotFound(f"model {self.name!r} is not loaded yet")
+        if ref is None or ref == "":
+            return routing.default
+        if is_version(ref):
+            version = str(int(ref))
+            with self._lock:
+                loaded = self._loaded.get(version)
+            if loaded is not None:
+                return loaded
+            if version in routing.versions():
+                return routing.by_version(version)
+        raise NotFound(f"version {ref[:64]!r} of {self.name!r} is not loaded on this replica")
 
     def loaded_versions(self) -> list[str]:
         with self._lock:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from serve_app.store import DEFAULT_ALIAS, NAME_PATTERN
+
+SettingsT = TypeVar("SettingsT", bound=BaseModel)
 
 DEFAULT_MAX_ROWS = 100_000  # rows in one request; more get 413
 
@@ -122,6 +124,12 @@ class AppSettings(BaseModel):
     """Like api_key_env, the key read from this file instead (a mounted secret). Set one
     of the two, not both; a key that is missing or under 16 characters stops the replica."""
 
+    trusted_keys: Optional[list[str]] = None
+    """Public keys (PEM files) of the publishers whose signed versions the replicas load; a
+    version not signed by one of them is refused (serve_app/signing.py). Unset: the keys in
+    $SERVE_APP_TRUSTED_KEYS, else the local publisher's key (a laptop). Keep them where
+    whoever can write the model store cannot write."""
+
     monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
     """Metrics, prediction log, drift and live accuracy (see MonitoringSettings)."""
 
@@ -145,6 +153,11 @@ class AppSettings(BaseModel):
     @classmethod
     def _key_file_path(cls, value: Optional[str]) -> Optional[str]:
         return str(Path(value).expanduser().resolve()) if value else None  # as `store`
+
+    @field_validator("trusted_keys")
+    @classmethod
+    def _key_paths(cls, value: Optional[list[str]]) -> Optional[list[str]]:
+        return [str(Path(p).expanduser().resolve()) for p in value] if value else None  # as `store`
 
     @model_validator(mode="after")
     def _one_key_source(self) -> "AppSettings":
@@ -218,3 +231,25 @@ class RuntimeSettings(BaseModel):
     """Mirror traffic to a candidate and record how often it agrees (applied live)."""
 
     _text = field_validator("version", mode="before")(_version_text)
+
+
+class ConfigError(ValueError):
+    """The application's `args` or `user_config` in the YAML cannot be used as they are."""
+
+
+def validated(model: type[SettingsT], values: object, where: str) -> SettingsT:
+    """`model` from the YAML's `values`; ConfigError naming each bad key and the allowed ones."""
+    try:
+        return model.model_validate(dict(values or {}))  # type: ignore[call-overload]
+    except (TypeError, ValueError) as exc:
+        if not isinstance(exc, ValidationError):
+            raise ConfigError(f"invalid serve_app {where}: expected a mapping of keys, got {values!r}") from None
+        key = where.rsplit(" ", 1)[-1]
+        problems = "; ".join(f"{key}.{'.'.join(map(str, e['loc'])) or '?'}: {e['msg']}" for e in exc.errors())
+        allowed = ", ".join(model.model_fields)
+        raise ConfigError(f"invalid serve_app {where}: {problems} (allowed keys: {allowed})") from None
+
+
+def runtime_settings(user_config: object) -> RuntimeSettings:
+    """The deployment's `user_config`, validated (ConfigError says which key is wrong)."""
+    return validated(RuntimeSettings, user_config, "deployment user_config")

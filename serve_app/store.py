@@ -2,29 +2,38 @@
 
     models/<name>/<version>/model.skops   the artefact (read-only once written)
     models/<name>/<version>/manifest.json its hash, library versions, schema, metrics, stats
+    models/<name>/<version>/signature.json the publisher's signature over both (signing.py)
     models/<name>/aliases.json            {"production": "2", ...}
     models/<name>/history.jsonl           append-only log of alias moves
 
 Versions are whole numbers handed out in order and never overwritten. `latest` is always
 the highest complete version; other aliases are set with `promote`.
+
+A version is loaded only from bytes read once: the signature is checked over them, then the
+same bytes are hashed, parsed and loaded. Links (symbolic or hard) to any of its files are
+refused, and a manifest must name the directory it sits in. Errors name files relative to
+the store root: callers of the HTTP API see them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import fcntl
 import getpass
+import hashlib
 import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
-from serve_app import artefacts
+from serve_app import artefacts, signing
 from serve_app.artefacts import ModelFormat
 from serve_app.errors import ModelLoadError, NotFound, StoreError
 from serve_app.manifest import MANIFEST_FILENAME, MODEL_FILENAMES, Manifest, sha256_of
@@ -36,11 +45,13 @@ DEFAULT_ALIAS = "production"
 ALIASES_FILENAME = "aliases.json"
 HISTORY_FILENAME = "history.jsonl"
 LOCK_FILENAME = ".lock"
+MAX_REF_LENGTH = 64  # versions and aliases a caller may name; longer is refused before any lookup
+VERSION_FILES = frozenset({MANIFEST_FILENAME, *MODEL_FILENAMES.values()})
 
 
 def is_version(ref: str) -> bool:
     """A version number: ASCII digits only ('²'.isdigit() is true, but int('²') fails)."""
-    return ref.isascii() and ref.isdigit()
+    return ref.isascii() and ref.isdigit() and len(ref) <= 18
 
 
 def _now() -> str:
@@ -54,20 +65,31 @@ def _whoami() -> str:
         return str(os.getuid())
 
 
-def _write_json_atomically(path: Path, payload: Any) -> None:
-    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False)
+def _json_bytes(payload: Any) -> bytes:
+    return json.dumps(payload, indent=2, sort_keys=True).encode()
+
+
+def _write_bytes_atomically(path: Path, data: bytes, mode: int | None = None) -> None:
+    handle = tempfile.NamedTemporaryFile("wb", dir=path.parent, prefix=f".{path.name}.", delete=False)
     with handle:
-        json.dump(payload, handle, indent=2, sort_keys=True)
+        handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
+    if mode is not None:
+        os.chmod(handle.name, mode)
     os.replace(handle.name, path)
+
+
+def _write_json_atomically(path: Path, payload: Any) -> None:
+    _write_bytes_atomically(path, _json_bytes(payload))
 
 
 class ModelStore:
     """Versioned models under one root directory (a local or shared path)."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], trusted_keys: Sequence[str] | None = None) -> None:
         self.root = Path(root).expanduser().resolve()
+        self.trusted_keys = list(trusted_keys) if trusted_keys else None  # None: signing.trusted_keys' default
         self._locks_held = threading.local()
 
     @contextlib.contextmanager
@@ -106,11 +128,37 @@ class ModelStore:
             )
         return name
 
+    def display(self, path: Path) -> str:
+        """`path` as errors show it: relative to the store root, never absolute."""
+        try:
+            return str(path.relative_to(self.root))
+        except ValueError:
+            return path.name
+
     def _inside_root(self, path: Path) -> Path:
         resolved = path.resolve()
         if resolved != self.root and self.root not in resolved.parents:
-            raise StoreError(f"{path} resolves outside the model store {self.root}; refusing it")
+            # Names are checked before this, so only a link in the store gets here: damage, a 500.
+            raise StoreError(f"{self.display(path)} resolves outside the model store; refusing it", 500)
         return resolved
+
+    def _read_file(self, path: Path) -> bytes:
+        """The bytes of a regular file that is not a link of either kind; FileNotFoundError if absent."""
+        try:
+            # O_NONBLOCK: a FIFO put in a file's place is refused below instead of hanging the open.
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # the last component is a symbolic link
+                raise ModelLoadError(f"{self.display(path)} is a link or lies outside its version directory; refusing it") from None
+            raise
+        with os.fdopen(fd, "rb") as handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+                raise ModelLoadError(
+                    f"{self.display(path)} is a link or lies outside its version directory "
+                    f"({'a hard link' if info.st_nlink != 1 else 'not a regular file'}); refusing it"
+                )
+            return handle.read()
 
     def model_dir(self, name: str) -> Path:
         return self._inside_root(self.root / self.check_name(name))
@@ -152,10 +200,12 @@ class ModelStore:
     def resolve(self, name: str, ref: str | int = DEFAULT_ALIAS) -> str:
         """The version a version number or alias names; NotFound if there is none."""
         ref = str(ref)
+        if len(ref) > MAX_REF_LENGTH:
+            raise NotFound(f"no version or alias of {len(ref)} characters; they have at most {MAX_REF_LENGTH}")
         versions = self.versions(name)
         if not versions:
             known = ", ".join(self.names()) or "none"
-            raise NotFound(f"no model named {name!r} in {self.root} (models: {known})")
+            raise NotFound(f"no model named {name!r} in the store (models: {known})")
         if is_version(ref):
             version = str(int(ref))
             if version not in versions:
@@ -170,12 +220,26 @@ class ModelStore:
         return aliases[ref]
 
     def manifest(self, name: str, ref: str | int = DEFAULT_ALIAS) -> Manifest:
+        """The manifest of a version, for listing and checks (`load_verified` verifies it too)."""
         version = self.resolve(name, ref)
         path = self.version_dir(name, version) / MANIFEST_FILENAME
         try:
-            return Manifest.model_validate_json(path.read_bytes())
+            data = self._read_file(path)
+        except FileNotFoundError:
+            raise ModelLoadError(f"manifest {self.display(path)} is missing") from None
+        return self._parse_manifest(data, name, version)
+
+    def _parse_manifest(self, data: bytes, name: str, version: str) -> Manifest:
+        try:
+            manifest = Manifest.model_validate_json(data)
         except Exception as exc:
-            raise ModelLoadError(f"manifest {path} is unreadable or invalid: {exc}") from exc
+            raise ModelLoadError(f"manifest of {name} v{version} is unreadable or invalid: {exc}") from None
+        if (manifest.name, manifest.version) != (name, version):
+            raise ModelLoadError(
+                f"the manifest in {name}/{version} describes {manifest.name} v{manifest.version}; "
+                "a manifest must name the directory it is in, refusing it"
+            )
+        return manifest
 
     def model_path(self, manifest: Manifest) -> Path:
         if manifest.model_file not in MODEL_FILENAMES.values():
@@ -186,22 +250,93 @@ class ModelStore:
         version_dir = self.version_dir(manifest.name, manifest.version)
         path = version_dir / manifest.model_file
         if path.is_symlink() or not self._inside_root(path).is_relative_to(version_dir):
-            raise ModelLoadError(f"{path} is a link or lies outside its version directory; refusing it")
+            raise ModelLoadError(f"{self.display(path)} is a link or lies outside its version directory; refusing it")
         return path
 
-    def load_verified(self, name: str, ref: str | int = DEFAULT_ALIAS) -> tuple[Any, Manifest]:
-        """The model object and its manifest, after its sha256 matched the manifest's."""
-        manifest = self.manifest(name, ref)
-        path = self.model_path(manifest)
-        if not path.is_file():
-            raise ModelLoadError(f"model file {path} is missing (manifest of {name} v{manifest.version})")
-        actual = sha256_of(path)
-        if actual != manifest.sha256:
+    def _read_version(self, name: str, version: str, required: Sequence[str]) -> dict[str, bytes]:
+        """The named files of a version, each read once (no links); ModelLoadError if one is missing."""
+        directory = self.version_dir(name, version)
+        files = {}
+        for file in required:
+            try:
+                files[file] = self._read_file(directory / file)
+            except FileNotFoundError:
+                what = "manifest" if file == MANIFEST_FILENAME else "model file"
+                raise ModelLoadError(f"{what} {self.display(directory / file)} is missing (manifest of {name} v{version})") from None
+        return files
+
+    def verify_signature(self, name: str, version: str, keys: dict[str, Any] | None = None) -> dict[str, str]:
+        """The signed file name -> sha256 map of a version; SignatureError unless a trusted key signed it."""
+        try:
+            document: bytes | None = self._read_file(self.version_dir(name, version) / signing.SIGNATURE_FILENAME)
+        except FileNotFoundError:
+            document = None
+        return signing.verify(document, name, version, signing.trusted_keys(self.trusted_keys) if keys is None else keys)
+
+    def load_verified(
+        self, name: str, ref: str | int = DEFAULT_ALIAS, check: Callable[[Manifest], None] | None = None
+    ) -> tuple[Any, Manifest]:
+        """The model object and its manifest, from bytes read once and verified before parsing.
+
+        The publisher's signature is checked over the sha256 of every file it lists; then
+        the same bytes are hashed against it, the manifest is parsed (and given to `check`,
+        e.g. library versions), and the model is rebuilt from allowed classes only.
+        """
+        version = self.resolve(name, ref)
+        signed = self.verify_signature(name, version)
+        unexpected = sorted(set(signed) - VERSION_FILES)
+        if unexpected or MANIFEST_FILENAME not in signed:
+            raise ModelLoadError(f"the signature of {name} v{version} lists unexpected files ({', '.join(unexpected)}); refusing it")
+        manifest_bytes = self._read_version(name, version, [MANIFEST_FILENAME])[MANIFEST_FILENAME]
+        self._check_hash(name, version, MANIFEST_FILENAME, manifest_bytes, signed[MANIFEST_FILENAME])
+        manifest = self._parse_manifest(manifest_bytes, name, version)
+        self.model_path(manifest)  # the model file name is one of the fixed ones
+        if manifest.model_file not in signed:
+            raise ModelLoadError(f"the signature of {name} v{version} does not cover {manifest.model_file}; refusing it")
+        data = self._read_version(name, version, [manifest.model_file])[manifest.model_file]
+        self._check_hash(name, version, manifest.model_file, data, signed[manifest.model_file])
+        self._check_hash(name, version, manifest.model_file, data, manifest.sha256)
+        if check is not None:
+            check(manifest)
+        return artefacts.loads(data, manifest.format, f"{name}/{version}/{manifest.model_file}"), manifest
+
+    @staticmethod
+    def _check_hash(name: str, version: str, file: str, data: bytes, expected: str) -> None:
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected:
             raise ModelLoadError(
-                f"sha256 of {path} is {actual[:16]}..., the manifest says {manifest.sha256[:16]}...; "
+                f"sha256 of {name}/{version}/{file} is {actual[:16]}..., the signed manifest says {expected[:16]}...; "
                 "the file was changed after it was stored, refusing to load it"
             )
-        return artefacts.load(path, manifest.format), manifest
+
+    def sign_version(self, name: str, ref: str | int, *, key: Any | None = None, check: bool = True) -> str:
+        """Signs a stored version as its publisher (with the local key unless `key`).
+
+        With `check`, the files must agree (manifest names its directory, model hash
+        matches) and the model must pass the allow-list, statically: nothing is unpickled.
+        """
+        version = self.resolve(name, ref)
+        if not check:  # whatever files the version holds, as they are (tests sign broken versions)
+            directory = self.version_dir(name, version)
+            present = sorted(f for f in VERSION_FILES if (directory / f).exists())
+            self._write_signature(name, version, self._read_version(name, version, present), key)
+            return version
+        manifest = self.manifest(name, version)
+        self.model_path(manifest)
+        files = self._read_version(name, version, [MANIFEST_FILENAME, manifest.model_file])
+        self._check_hash(name, version, manifest.model_file, files[manifest.model_file], manifest.sha256)
+        artefacts.check(files[manifest.model_file], manifest.format, f"{name}/{version}/{manifest.model_file}")
+        self._write_signature(name, version, files, key)
+        return version
+
+    def _write_signature(self, name: str, version: str, files: dict[str, bytes], key: Any | None) -> None:
+        key_dir = signing.signing_dir().expanduser().resolve()
+        if key is None and (key_dir == self.root or self.root in key_dir.parents):
+            raise signing.SigningKeyError(
+                f"the signing key directory is inside the model store; move it out (${signing.SIGNING_DIR_ENV})"
+            )
+        path = self.version_dir(name, version) / signing.SIGNATURE_FILENAME
+        _write_bytes_atomically(path, signing.sign(name, version, files, key), 0o444)
 
     def history(self, name: str) -> list[dict[str, Any]]:
         path = self.model_dir(name) / HISTORY_FILENAME
@@ -252,8 +387,13 @@ class ModelStore:
                 }
             )
             os.chmod(path, 0o444)
+            # Signed by the publisher's key (created on first use) over the model as read
+            # back from disk and the manifest about to be written.
+            manifest_bytes = _json_bytes(manifest.model_dump(mode="json"))
+            model_bytes = self._read_version(name, version, [model_file])[model_file]
+            self._write_signature(name, version, {MANIFEST_FILENAME: manifest_bytes, model_file: model_bytes}, None)
             # The manifest goes last: a version without one is incomplete and never served.
-            _write_json_atomically(directory / MANIFEST_FILENAME, manifest.model_dump(mode="json"))
+            _write_bytes_atomically(directory / MANIFEST_FILENAME, manifest_bytes)
             os.chmod(directory / MANIFEST_FILENAME, 0o444)
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)

@@ -165,8 +165,9 @@ class Deployed:
                 deployment = app.get("deployments", {}).get(ops.DEPLOYMENT_NAME, {})
                 replicas = deployment.get("replicas", [])
                 declared = deployment.get("deployment_config", {})
-                if app.get("status") == "DEPLOY_FAILED":
-                    raise RuntimeError(f"the app failed to deploy: {app.get('message')}")
+                problem = ops.failure(self.app, app)
+                if problem is not None and problem.final:
+                    raise ops.DeployFailed(problem)
                 running = {r.get("pid") for r in replicas if r.get("state") == "RUNNING"}
                 ready = (app.get("status") == "RUNNING" and len(replicas) == want.replicas == len(running)
                          and declared.get("num_replicas") == want.replicas

@@ -14,7 +14,12 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import resource
+import secrets
+import shutil
+import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -24,8 +29,27 @@ import pytest
 
 from serve_app import processes
 
+# Everything a test run creates lives in one folder, removed at the end: pytest's tmp_path,
+# Ray's session dirs (Ray honours TMPDIR), HAProxy's files, `make run`'s and the local
+# clusters' state. Short: Ray and HAProxy put unix sockets under it (108-byte limit).
+RUN_DIR = Path(tempfile.mkdtemp(prefix="sa-run-", dir="/tmp"))
+os.environ["TMPDIR"] = tempfile.tempdir = str(RUN_DIR)
+# Every process this run starts inherits this variable (Ray workers and HAProxy included),
+# which is how the session-end check finds the ones that outlived their test.
+RUN_MARKER = "SA_TEST_RUN"
+os.environ[RUN_MARKER] = RUN_DIR.name
+os.environ["SERVE_APP_SIGNING_DIR"] = str(RUN_DIR / "signing")  # this run's publisher key pair, outside every store
+# Token auth on, with this run's own token: how test clusters start must not depend on
+# whether ~/.ray/auth_token happens to exist (Ray reads RAY_AUTH_TOKEN before that file).
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+# The overload bursts open 1,000 sockets at once, past the usual soft limit of 1,024 fds
+# once Ray's own are counted; children (HAProxy, replicas) inherit the raised limit.
+_soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (max(_soft, min(_hard, 65536)), _hard))
+
 # Before Ray is imported anywhere: workers inherit this environment from the driver.
-_HAPROXY_DIR = Path(tempfile.mkdtemp(prefix="sa-t", dir="/tmp"))
+_HAPROXY_DIR = RUN_DIR / "hap"
 _HTTP_PORT = processes.free_port()
 os.environ.update(processes.FAST_PATH_ENV)
 os.environ.update(
@@ -157,7 +181,9 @@ def ray_session() -> Iterator[ServeCluster]:
     import ray
 
     dashboard_port = processes.free_port()
-    # Logical CPUs only: lets several test apps share the 2 real cores.
+    # Logical CPUs only: lets several test apps share the 2 real cores. No prestarted
+    # workers: they would sit idle for the whole run, each holding ~100 MB and a share of
+    # the start-up CPU.
     ray.init(
         address="local",
         num_cpus=8,
@@ -165,6 +191,7 @@ def ray_session() -> Iterator[ServeCluster]:
         dashboard_host="127.0.0.1",
         dashboard_port=dashboard_port,
         log_to_driver=False,
+        _system_config={"enable_worker_prestart": False, "prestart_worker_first_driver": False},
     )
     cluster = ServeCluster(_HTTP_PORT, f"http://127.0.0.1:{dashboard_port}")
     try:
@@ -176,8 +203,86 @@ def ray_session() -> Iterator[ServeCluster]:
         try:
             serve.shutdown()
         finally:
+            # Listed again after the shutdown: the controller may restart HAProxy during it.
+            started |= processes.descendants(os.getpid())
             ray.shutdown()
-            processes.end(started)
+            processes.end(started | processes.descendants(os.getpid()))
+
+
+# ---- nothing left behind ------------------------------------------------------------------
+
+
+def _marked_processes() -> set[processes.Process]:
+    """Live processes started by this run: they carry RUN_MARKER in their environment."""
+    marker = f"{RUN_MARKER}={RUN_DIR.name}".encode()
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            environ = Path(f"/proc/{entry}/environ").read_bytes()
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        if marker in environ.split(b"\0"):
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if fields[0] != "Z":
+                found.add((int(entry), int(fields[19])))
+    return found
+
+
+def _describe(process: processes.Process) -> str:
+    try:
+        argv = Path(f"/proc/{process[0]}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        argv = "?"
+    return f"{process[0]} {argv[:160]}"
+
+
+_TMP_BEFORE = {entry.name for entry in Path("/tmp").iterdir() if entry.name.startswith("sa")}
+
+
+def _readme_commands_not_run(session: pytest.Session) -> set[str]:
+    """After a run of every scenario (the tier that runs the README), its commands no test ran."""
+    from .readme import every_command, recorded
+
+    config = session.config
+    whole_tier = (
+        config.args_source == pytest.Config.ArgsSource.TESTPATHS
+        and config.option.markexpr in ("", "scenario")
+        and not any(getattr(config.option, name, None) for name in ("keyword", "deselect", "lf", "collectonly", "exitfirst"))
+    )
+    if not whole_tier or session.testsfailed or session.shouldfail or session.shouldstop:
+        return set()
+    return every_command() - recorded()
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own teardown of session fixtures (on Ctrl-C too)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fails the run if any process it started outlived the fixtures, or a temp dir stayed.
+
+    Runs after every fixture's teardown. A leak is reported, then ended (by pid), so the
+    next run starts clean either way.
+    """
+    deadline = time.monotonic() + 20  # processes told to stop may take a moment to go
+    leftovers = _marked_processes()
+    while leftovers and time.monotonic() < deadline:
+        time.sleep(0.5)
+        leftovers = _marked_processes()
+    problems = [f"process left running: {_describe(p)}" for p in sorted(leftovers)]
+    processes.end(leftovers)
+    not_run = _readme_commands_not_run(session)
+    shutil.rmtree(RUN_DIR, ignore_errors=True)
+    created = {entry.name for entry in Path("/tmp").iterdir() if entry.name.startswith("sa")} - _TMP_BEFORE
+    problems += [f"temp dir left behind: /tmp/{name}" for name in sorted(created)]
+    problems += [f"README command that no test ran: {command!r}" for command in sorted(not_run)]
+    if problems:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_sep("=", "this run left things behind", red=True)
+            for line in problems:
+                reporter.write_line(line, red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def wait_for(condition: Callable[[], Any], timeout_s: float = 60.0, interval_s: float = 0.2, what: str = "") -> Any:
@@ -193,6 +298,39 @@ def wait_for(condition: Callable[[], Any], timeout_s: float = 60.0, interval_s: 
             last_error = exc
         time.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what or condition}: {last_error!r}")
+
+
+def env_for_own_ray() -> dict[str, str]:
+    """This environment for a child that starts a Ray of its own (bench, tune, benchmarks):
+    none of the session Ray's Serve settings (HAProxy files, ports), the run's signing key kept."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("RAY_SERVE_", "SERVE_APP_")) or k == "SERVE_APP_SIGNING_DIR"}
+
+
+def run_bounded(argv: list[str], *, timeout_s: float, **popen: Any) -> subprocess.CompletedProcess[str]:
+    """`subprocess.run(..., capture_output=True, text=True)` whose timeout ends the child's
+    whole tree (its own Ray and HAProxy, which outlive a killed parent), not the child alone."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **popen)
+    seen: set[processes.Process] = set()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.2):
+            seen.update(processes.descendants(proc.pid))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        seen.update(processes.descendants(proc.pid))
+        proc.kill()
+        processes.end(seen)
+        out, err = proc.communicate()
+        raise AssertionError(f"{argv[:3]} still running after {timeout_s:.0f} s; ended it and its {len(seen)} processes:\n{out[-2000:]}\n{err[-2000:]}") from None
+    finally:
+        done.set()
+        watcher.join()
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
 @pytest.fixture(scope="session")

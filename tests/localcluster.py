@@ -226,7 +226,7 @@ class LocalCluster:
 
 def _clean_env() -> dict[str, str]:
     """This process's environment without the session Ray's settings (ports, HAProxy files)."""
-    keep = {"RAY_AUTH_MODE"}
+    keep = {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}  # the session's own token (tests/conftest.py)
     return {k: v for k, v in os.environ.items() if k in keep or not k.startswith(("RAY_", "SERVE_APP_"))}
 
 

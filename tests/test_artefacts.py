@@ -52,7 +52,6 @@ def test_dump_and_load_round_trip(tmp_path: Path, fmt: str) -> None:
 def test_skops_refuses_types_outside_the_allow_list(tmp_path: Path) -> None:
     path = tmp_path / "model.skops"
     artefacts.dump(HomeMadeClassifier().fit(np.zeros((2, 3)), np.array([0, 1])), path, "skops")
-    assert artefacts.untrusted_types(path) == [f"{__name__}.HomeMadeClassifier"]
     with pytest.raises(ModelLoadError, match=r"contains types outside the allow-list \(tests\.test_artefacts\.HomeMadeClassifier\)"):
         artefacts.load(path, "skops")
 

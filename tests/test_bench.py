@@ -1,4 +1,4 @@
-"""A smoke run of `serve-app bench --quick`: the table and plot are produced, every request succeeds.
+"""The README's `make bench`, as a quick run: the table and plot are produced, every request succeeds.
 
 It starts its own Ray (`ray start` on free ports) in a child process, apart from the test
 session's, and checks that run ended everything it started. No timing is asserted: the
@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
@@ -20,21 +21,24 @@ import pytest
 
 from serve_app.loadgen import wrk_path
 
-pytestmark = pytest.mark.ray
+from .conftest import env_for_own_ray, run_bounded
+from .readme import command_starting, record
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_bench_quick_smoke(tmp_path: Path) -> None:
+@pytest.mark.ray
+@pytest.mark.scenario
+def test_make_bench_quick(tmp_path: Path) -> None:
     out = tmp_path / "results"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    for name in list(env):  # the session's own Ray and HAProxy settings are not the bench's
-        if name.startswith("RAY_SERVE_HAPROXY") or name in ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_HA_PROXY"):
-            env.pop(name)
-    done = subprocess.run(
-        [sys.executable, "-m", "serve_app", "bench", "--quick", "--duration", "1", "--soak", "3", "--out", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    env = env_for_own_ray()
+    command = command_starting("make bench")
+    done = run_bounded(
+        # -o: the checkout's venv is installed already; BENCH_ARGS: a quick run, into tmp_path.
+        ["make", "-o", ".venv/.installed", "bench", f"BENCH_ARGS=--quick --duration 1 --soak 3 --out {out}"],
+        cwd=REPO, env=env, timeout_s=600,
     )
+    record(command)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "stopping Ray and HAProxy" in done.stdout
 
@@ -80,6 +84,7 @@ class _TinyHandler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True  # headers and body go out as two writes: no 40 ms delayed-ACK stall
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        self.server.arrivals.setdefault(self.client_address, []).append(time.monotonic())  # type: ignore[attr-defined]
         body = self.rfile.read(int(self.headers["content-length"]))
         status = 200 if body == b'{"x": 1}' else 400
         self.send_response(status)
@@ -91,15 +96,31 @@ class _TinyHandler(BaseHTTPRequestHandler):
         pass
 
 
+class _TinyServer(ThreadingHTTPServer):
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _TinyHandler)
+        self.arrivals: dict[tuple[str, int], list[float]] = {}  # per client connection
+        self.url = f"http://127.0.0.1:{self.server_address[1]}/"
+        _RUNNING[self.url] = self
+
+
+_RUNNING: dict[str, _TinyServer] = {}
+
+
+def _server_of(url: str) -> _TinyServer:
+    return _RUNNING[url]
+
+
 @pytest.fixture
 def tiny_server() -> Iterator[str]:
     """An HTTP server answering 200 to the body {"x": 1} and 400 to anything else."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _TinyHandler)
+    server = _TinyServer()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
+        yield server.url
     finally:
+        _RUNNING.pop(server.url)
         server.shutdown()
         server.server_close()
 
@@ -114,21 +135,28 @@ def test_python_load_generator_counts_every_answer(tiny_server: str) -> None:
     assert bad.requests > 0 and bad.non_2xx == bad.requests
 
 
-@pytest.mark.parametrize("generator", ["python", "wrk"])
-def test_paced_load_offers_no_more_than_its_rate(tiny_server: str, generator: str) -> None:
-    """The soak's pacing: 2 connections pausing 100 ms send at most ~20 requests a second,
-    where the same connections unpaced send hundreds (the bound cannot pass by slowness:
-    a slow machine sends fewer, never more)."""
+def _gaps_ms(arrivals: dict[tuple[str, int], list[float]]) -> list[float]:
+    """Time between consecutive requests on the same connection, over all connections."""
+    return [1000 * (b - a) for times in arrivals.values() for a, b in zip(times, times[1:])]
+
+
+@pytest.mark.parametrize("generator", ["python", pytest.param("wrk", marks=pytest.mark.scenario)])
+def test_paced_load_waits_its_pause_between_requests(tiny_server: str, generator: str) -> None:
+    """The soak's pacing, seen by the server: on each connection, a paced load leaves at
+    least its pause between one request and the next; the same load unpaced does not."""
     from serve_app.loadgen import run_load, wrk_path
 
-    if generator == "wrk" and wrk_path() is None:
-        pytest.skip("wrk is not installed, so the bench paces with the Python generator (tested above)")
+    assert generator == "python" or wrk_path(), "wrk is not installed: `make test-scenarios` installs it"
     body, headers = b'{"x": 1}', {"content-type": "application/json"}
+    server = _server_of(tiny_server)
     paced = run_load(tiny_server, body, headers, connections=2, duration_s=1, generator=generator, pause_ms=100)
+    paced_gaps, server.arrivals = _gaps_ms(server.arrivals), {}
     flat = run_load(tiny_server, body, headers, connections=2, duration_s=1, generator=generator)
-    assert paced.failed == 0 and flat.failed == 0
-    assert 0 < paced.requests <= 2 * 10 + 2, paced  # 2 connections x 1 s x 10 a second, +1 each in flight
-    assert flat.requests > 5 * paced.requests, (flat, paced)
+    flat_gaps = _gaps_ms(server.arrivals)
+    assert paced.failed == 0 and flat.failed == 0 and paced.requests > 0
+    assert paced_gaps and min(paced_gaps) >= 95, sorted(paced_gaps)[:5]  # the 100 ms pause (timers tick in ms)
+    assert flat_gaps and min(flat_gaps) < 95, sorted(flat_gaps)[:5]
+    assert paced.requests <= 2 * 10 + 2, paced  # 2 connections x 1 s x 10 a second, +1 each in flight
 
 
 def test_soak_pause_offers_the_asked_share_of_the_peak() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from serve_app import ops
 
 from .conftest import IRIS_ROWS, ServeCluster, app_config, wait_for
 
-pytestmark = [pytest.mark.ray, pytest.mark.chaos]
+pytestmark = [pytest.mark.ray, pytest.mark.chaos, pytest.mark.scenario]
 
 SMALL = {"ray_actor_options": {"num_cpus": 0.1}}
 
@@ -55,6 +56,13 @@ def running(cluster: ServeCluster, app: str) -> list[dict[str, Any]]:
     return [r for r in replicas(cluster, app) if r.get("state") == "RUNNING"]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -71,7 +79,7 @@ def deploy(served: dict[str, Any]) -> Iterator[Callable[..., str]]:
     def _deploy(name: str, *, num_replicas: int, deployment: dict[str, Any] | None = None, **kwargs: Any) -> str:
         cluster.apply(
             app_config(served["store"], name=name, route_prefix=f"/{name}", num_replicas=num_replicas,
-                       deployment={**SMALL, **(deployment or {})}, **kwargs)
+                       deployment={**SMALL, **(deployment or {})}, monitoring={"enabled": False}, **kwargs)
         )
         names.append(name)
         url = f"{cluster.base_url}/{name}"
@@ -102,6 +110,8 @@ class Load:
     retries: int = 0
     retry_statuses: dict[str, int] = field(default_factory=dict)
     pids: set[int] = field(default_factory=set)
+    outcomes: list[tuple[float, float, str | None]] = field(default_factory=list)  # (sent, answered, problem)
+    in_flight: dict[int, float] = field(default_factory=dict)  # thread -> when its request was sent
 
     def __post_init__(self) -> None:
         self._stop = threading.Event()
@@ -112,6 +122,9 @@ class Load:
         session = retrying_session() if self.retry else requests.Session()
         expected = len(self.body["features"])
         while not self._stop.is_set():
+            sent_at = time.monotonic()
+            with self._lock:
+                self.in_flight[threading.get_ident()] = sent_at
             try:
                 reply = session.post(f"{self.url}/predict", json=self.body, headers=self.headers, timeout=(5, 60))
                 good = reply.status_code == 200 and len(reply.json()["predictions"]) == expected
@@ -120,6 +133,8 @@ class Load:
             except Exception as exc:  # a failure the client saw, after its retries
                 problem, history = f"{type(exc).__name__}: {exc}"[:200], ()
             with self._lock:
+                del self.in_flight[threading.get_ident()]
+                self.outcomes.append((sent_at, time.monotonic(), problem))
                 self.sent += 1
                 if problem is None:
                     self.ok += 1
@@ -141,6 +156,19 @@ class Load:
         self._stop.set()
         for worker in self._workers:
             worker.join(timeout=120)
+
+    def spanning(self, moment: float) -> list[str | None]:
+        """The outcome of every finished request that was in flight at `moment`."""
+        with self._lock:
+            return [problem for sent, answered, problem in self.outcomes if sent < moment < answered]
+
+    def unfinished_since(self, moment: float) -> bool:
+        with self._lock:
+            return any(sent < moment for sent in self.in_flight.values())
+
+    def ok_after(self, moment: float) -> int:
+        with self._lock:
+            return sum(1 for sent, _, problem in self.outcomes if sent > moment and problem is None)
 
     def figures(self) -> dict[str, Any]:
         return {
@@ -172,7 +200,7 @@ def test_replica_killed_under_steady_load(served: dict[str, Any], deploy: Callab
     wait_for(lambda: serving_pids(url) == {r["pid"] for r in before}, timeout_s=30, what="both replicas serving")
 
     with Load(url, threads=4) as load:
-        time.sleep(3)  # steady state first
+        wait_for(lambda: load.ok >= 20, what="steady load on both replicas")
         sent_before_kill = load.sent
         killed_at = time.monotonic()
         ray.kill(ray.get_actor(victim["actor_name"], namespace="serve"), no_restart=True)
@@ -186,7 +214,8 @@ def test_replica_killed_under_steady_load(served: dict[str, Any], deploy: Callab
         new_pids = {r["pid"] for r in running(cluster, "chaos")}
         wait_for(lambda: serving_pids(url) == new_pids, timeout_s=60, what="traffic on both replicas again")
         serving_after_s = time.monotonic() - killed_at
-        time.sleep(3)  # and steady again with the new replica
+        serving_again = time.monotonic()
+        wait_for(lambda: load.ok_after(serving_again) >= 20, what="steady load again with the new replica")
 
     figures = {
         **load.figures(), "sent_before_kill": sent_before_kill,
@@ -196,8 +225,6 @@ def test_replica_killed_under_steady_load(served: dict[str, Any], deploy: Callab
     assert load.failures == [], figures
     assert load.sent > sent_before_kill > 0
     assert victim["pid"] not in new_pids and len(new_pids) == 2
-    # The bound measured on a loaded 2-core machine was ~10 s; a minute means something broke.
-    assert serving_after_s < 60, figures
 
 
 async def _burst(url: str, connections: int, body: dict[str, Any], headers: dict[str, str]) -> list[tuple[int, float, dict[str, str], str]]:
@@ -284,9 +311,11 @@ def test_overload_burst_sheds_excess_fast(served: dict[str, Any], deploy: Callab
                 hog_statuses.append(reply.status_code)
 
     hogs = [threading.Thread(target=hog, daemon=True) for _ in range(2)]
+    cpu_before = cpu_seconds(replica["pid"])
     for thread in hogs:
         thread.start()
-    time.sleep(2)  # both slots busy
+    # Both slots busy: the replica is predicting (seconds of forest per long request).
+    wait_for(lambda: cpu_seconds(replica["pid"]) - cpu_before > 1.0, interval_s=0.1, what="the long requests running")
     try:
         results = asyncio.run(_burst(url, 1000, body, headers))
     finally:
@@ -325,8 +354,8 @@ def test_overload_burst_sheds_excess_fast(served: dict[str, Any], deploy: Callab
     assert hog_statuses and set(hog_statuses) <= {200, 503}, figures  # a resent long one may be refused too
     assert all(r[2].get("retry-after") == "1" for r in rejected), figures
     assert all('"predictions"' in text for *_, text in accepted), figures
-    # Rejections are immediate, not queued until a timeout: well under the 60 s client timeout.
-    assert reject_latency[-1] < 30, figures
+    # Refused with a 503 at once rather than queued: a request queued past the client's 60 s
+    # timeout would be a -1 (timeout) above, never a 503. How fast is reported, not asserted.
     assert after.status_code == 200 and len(after.json()["predictions"]) == len(IRIS_ROWS)
     assert still["pid"] == replica["pid"], "the replica was restarted by the burst"
     assert rss_after - rss_before < 200, figures  # bounded: no per-request state kept
@@ -362,11 +391,11 @@ def test_requests_in_flight_survive_redeploy_and_removal(served: dict[str, Any],
     slow = {"features": _slow_rows()}
 
     with Load(url, threads=3, retry=False, body=slow) as load:
-        time.sleep(2)
+        wait_for(lambda: load.ok >= 1 and load.in_flight, interval_s=0.05, what="slow requests in flight")
         started = time.monotonic()
         cluster.apply(
             app_config(store, name=name, route_prefix=f"/{name}", num_replicas=2, user_config={"version": "2"},
-                       deployment=SMALL, max_rows=100_001),
+                       deployment=SMALL, max_rows=100_001, monitoring={"enabled": False}),
             wait=False,
         )
 
@@ -376,25 +405,30 @@ def test_requests_in_flight_survive_redeploy_and_removal(served: dict[str, Any],
 
         wait_for(replaced, timeout_s=180, interval_s=0.5, what="every replica replaced")
         redeploy_s = time.monotonic() - started
-        time.sleep(2)
+        replaced_at = time.monotonic()
+        wait_for(lambda: load.ok_after(replaced_at) >= 3, what="the new replicas answering")
+        wait_for(lambda: not load.unfinished_since(started), timeout_s=120, what="requests sent before the redeploy to finish")
     redeploy = load.figures()
+    in_flight_at_redeploy = load.spanning(started)
 
     # Removal: requests in flight when the app is deleted still complete.
     with Load(url, threads=3, retry=False, body=slow) as removal:
-        time.sleep(2)
+        wait_for(lambda: removal.ok >= 1 and removal.in_flight, interval_s=0.05, what="slow requests in flight")
         in_flight_at_removal = removal.sent
         removed_at = time.monotonic()
         cluster.remove(name)
-        time.sleep(1.0)
+        wait_for(lambda: not removal.unfinished_since(removed_at), timeout_s=120, what="requests sent before removal to finish")
     removal_figures = removal.figures()
+    in_flight_at_delete = removal.spanning(removed_at)
     wait_for(lambda: not replicas(cluster, name), timeout_s=90, what="removed app's replicas to stop")
     stopped_s = time.monotonic() - removed_at
 
     report("redeploy", {**redeploy, "redeploy_s": round(redeploy_s, 2)})
     report("removal", {**removal_figures, "sent_before_removal": in_flight_at_removal, "app_gone_from_status_s": round(stopped_s, 2)})
     assert redeploy["requests_failed"] == 0, redeploy
-    assert redeploy["requests_sent"] >= 3
+    # Requests in flight when the redeploy was sent, and when the app was deleted, finished with 200.
+    assert in_flight_at_redeploy and all(problem is None for problem in in_flight_at_redeploy), in_flight_at_redeploy
+    assert in_flight_at_delete and all(problem is None for problem in in_flight_at_delete), in_flight_at_delete
     # After removal the route is gone: new requests get 404; none may fail any other way.
     unexpected = [f for f in removal.failures if not f.startswith("404")]
     assert unexpected == [], removal_figures
-    assert removal.ok >= 1

@@ -172,7 +172,7 @@ def test_promote_refuses_a_tampered_version(capsys: pytest.CaptureFixture[str], 
     os.chmod(path, 0o644)
     path.write_bytes(path.read_bytes() + b"\0")
     code, out, err = run(capsys, "models", "promote", "iris", "2", "--store", str(iris_store.root), "--store-only")
-    assert_one_line_error(code, out, err, f"sha256 of {path}")
+    assert_one_line_error(code, out, err, "sha256 of iris/2/model.skops")
     assert iris_store.aliases("iris")["production"] == "1"
 
 

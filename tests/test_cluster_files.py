@@ -41,7 +41,9 @@ def test_rayservice_nodes_have_the_fast_path_the_store_and_token_auth() -> None:
         env = {e["name"]: e.get("value") for e in container["env"]}
         assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1" and env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
         assert env["RAY_AUTH_MODE"] == "token" and "RAY_AUTH_TOKEN" in env
-        assert [m["mountPath"] for m in container["volumeMounts"]] == [store]
+        keys = {str(Path(k).parent) for k in yaml.safe_load(CLUSTER_YAML.read_text())["applications"][0]["args"]["trusted_keys"]}
+        assert [m["mountPath"] for m in container["volumeMounts"]] == [store, *sorted(keys)]
+        assert all(m["readOnly"] for m in container["volumeMounts"])
     assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     assert spec["rayVersion"] == kuberay.RAY_VERSION
 

@@ -8,6 +8,8 @@ from typing import Any, Callable
 import numpy as np
 import orjson
 import pytest
+import tritonclient.http as triton
+from tritonclient.utils import np_to_triton_dtype
 
 from serve_app import codec
 from serve_app.errors import BadRequest, InvalidInput, ServeAppError, UnsupportedMediaType
@@ -336,22 +338,64 @@ def test_v2_binary_non_numeric_inputs(datatype: str) -> None:
     raises(InvalidInput, lambda: codec.decode_v2(body, str(int(header) + len(datatype) - 4)), f"datatype '{datatype}' is not supported")
 
 
-# ---- round trips ---------------------------------------------------------------------------
+# ---- round trips, and against tritonclient (an independent V2 implementation) ----------------
+#
+# The self round trips alone would pass for a codec that is wrong in the same way both
+# ways (byte order, where binary data starts, which header length counts). So every
+# request is also built by Triton's own HTTP client and every response also read by it.
+
+
+def triton_request(rows: np.ndarray, *, binary: bool, outputs: list[Any] | None = None,
+                   request_id: str = "") -> tuple[bytes, str | None]:
+    """The body and Inference-Header-Content-Length tritonclient's `infer()` sends."""
+    tensor = triton.InferInput("input-0", list(rows.shape), np_to_triton_dtype(rows.dtype))
+    tensor.set_data_from_numpy(rows, binary_data=binary)
+    body, json_size = triton.InferenceServerClient.generate_request_body([tensor], outputs=outputs, request_id=request_id)
+    return body, None if json_size is None else str(json_size)
 
 
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
 @pytest.mark.parametrize("datatype", NUMERIC)
-def test_request_round_trip(datatype: str, binary: bool) -> None:
+@pytest.mark.parametrize("encoder", ["serve_app", "tritonclient"])
+def test_request_round_trip(datatype: str, binary: bool, encoder: str) -> None:
     rows = sample(datatype)
-    body, headers = codec.encode_v2_request(rows, binary=binary)
-    decoded = codec.decode_v2(body, headers.get(codec.BINARY_HEADER))
+    if encoder == "serve_app":
+        body, headers = codec.encode_v2_request(rows, binary=binary)
+        header_length = headers.get(codec.BINARY_HEADER)
+    else:
+        body, header_length = triton_request(rows, binary=binary)
+    assert (header_length is not None) is binary
+    decoded = codec.decode_v2(body, header_length)
     assert decoded.rows.dtype == rows.dtype
     assert np.array_equal(decoded.rows, rows)
 
 
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_tritonclient_request_options(binary: bool) -> None:
+    rows = sample("FP32", (2, 4))
+    # No outputs named: tritonclient asks for every output in binary (binary_data_output).
+    body, header_length = triton_request(rows, binary=binary, request_id="req-9")
+    decoded = codec.decode_v2(body, header_length)
+    assert (decoded.input_name, decoded.id, decoded.outputs, decoded.binary_default) == ("input-0", "req-9", None, True)
+    outputs = [triton.InferRequestedOutput("predict", binary_data=False), triton.InferRequestedOutput("predict_proba")]
+    body, header_length = triton_request(rows, binary=binary, outputs=outputs)
+    decoded = codec.decode_v2(body, header_length)
+    assert decoded.outputs == (codec.RequestedOutput("predict", False), codec.RequestedOutput("predict_proba", True))
+    assert decoded.binary_default is False and decoded.id is None
+    assert np.array_equal(decoded.rows, rows)
+
+
+def read_response(body: bytes, header_length: int | None, decoder: str) -> dict[str, np.ndarray]:
+    if decoder == "serve_app":
+        return codec.decode_v2_response(body, None if header_length is None else str(header_length))
+    result = triton.InferenceServerClient.parse_response_body(body, header_length=header_length)
+    return {output["name"]: result.as_numpy(output["name"]) for output in result.get_response()["outputs"]}
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
 @pytest.mark.parametrize("datatype", [*NUMERIC, "BOOL"])
-def test_response_round_trip(datatype: str, binary: bool) -> None:
+@pytest.mark.parametrize("decoder", ["serve_app", "tritonclient"])
+def test_response_round_trip(datatype: str, binary: bool, decoder: str) -> None:
     first, second = sample(datatype, (5,), seed=1), sample(datatype, (5, 3), seed=2)
     head = {"model_name": "iris", "model_version": "1", "id": "x"}
     body, header_length = codec.encode_v2_response(head, [("predict", first, binary), ("predict_proba", second, binary)])
@@ -361,21 +405,33 @@ def test_response_round_trip(datatype: str, binary: bool) -> None:
     assert [(o["name"], o["datatype"], o["shape"]) for o in payload["outputs"]] == [
         ("predict", datatype, [5]), ("predict_proba", datatype, [5, 3])
     ]
-    outputs = codec.decode_v2_response(body, str(header_length) if header_length else None)
+    outputs = read_response(body, header_length, decoder)
+    assert list(outputs) == ["predict", "predict_proba"]
     for name, expected in (("predict", first), ("predict_proba", second)):
         assert outputs[name].dtype == expected.dtype
         assert np.array_equal(outputs[name], expected)
 
 
-def test_response_mixes_json_and_binary_outputs() -> None:
+@pytest.mark.parametrize("decoder", ["serve_app", "tritonclient"])
+def test_response_mixes_json_and_binary_outputs(decoder: str) -> None:
     labels, proba = np.array([0, 2]), np.array([[0.75, 0.25, 0.0], [0.0, 0.5, 0.5]])
     body, header_length = codec.encode_v2_response({}, [("predict", labels, False), ("predict_proba", proba, True)])
     assert header_length is not None and len(body) == header_length + proba.nbytes
     header = orjson.loads(body[:header_length])
     assert header["outputs"][0]["data"] == [0, 2]
     assert header["outputs"][1]["parameters"] == {"binary_data_size": 48}
-    outputs = codec.decode_v2_response(body, str(header_length))
+    outputs = read_response(body, header_length, decoder)
     assert np.array_equal(outputs["predict"], labels) and np.array_equal(outputs["predict_proba"], proba)
+
+
+def test_tritonclient_reads_nulls_and_string_labels() -> None:
+    values = np.array([[np.nan, 0.5], [np.inf, -np.inf]])
+    body, header_length = codec.encode_v2_response({}, [("predict_proba", values, False), ("predict", np.array(["setosa", "virginica"]), True)])
+    assert header_length is None  # strings are never raw bytes, so nothing here is binary
+    outputs = read_response(body, header_length, "tritonclient")
+    assert np.isnan(outputs["predict_proba"]).tolist() == [[True, False], [True, True]]
+    assert outputs["predict_proba"][0, 1] == 0.5
+    assert outputs["predict"].tolist() == ["setosa", "virginica"]
 
 
 def test_nan_in_outputs_serialises_as_null() -> None:

@@ -302,12 +302,94 @@ def test_superscript_digit_version_is_404_not_500(client: TestClient) -> None:
 # ---- other routes ---------------------------------------------------------------------------
 
 
-def test_admin_status_and_openapi(client: TestClient) -> None:
-    assert client.get("/admin/status").json() == {"model": "iris", "version": "1"}
-    document = client.get("/openapi.json").json()
+def test_admin_status_is_the_backends_answer_as_json(client: TestClient, backend: FakeBackend,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # What a replica's status holds that JSON cannot say as is: numpy numbers and arrays, a NaN.
+    answer: dict[str, Any] = {
+        "pid": 4242, "loaded_versions": ["2", "1"], "routing": None,
+        "batches": {"batches": np.int64(7), "requests": np.int64(9)},
+        "batch_wait_timeout_s": np.float32(0.25), "mean_rows": float("nan"), "classes": np.array([0, 1, 2]),
+    }
+    monkeypatch.setattr(backend, "status", lambda: answer)
+    reply = client.get("/admin/status")
+    assert reply.status_code == 200 and reply.headers["content-type"] == "application/json"
+    assert reply.json() == {
+        "pid": 4242, "loaded_versions": ["2", "1"], "routing": None, "batches": {"batches": 7, "requests": 9},
+        "batch_wait_timeout_s": 0.25, "mean_rows": None, "classes": [0, 1, 2],
+    }
+    answer["loaded_versions"] = ["1"]  # asked afresh on every request
+    assert client.get("/admin/status").json()["loaded_versions"] == ["1"]
+
+
+def test_openapi_documents_exactly_the_routes_and_methods_served(backend: FakeBackend) -> None:
+    import re
+
+    from starlette.routing import Route
+
+    app = build_http_app(backend)
+    with TestClient(app) as client:
+        reply = client.get("/openapi.json")
+    assert reply.status_code == 200 and reply.headers["content-type"] == "application/json"
+    document = reply.json()
     assert document["openapi"].startswith("3.")
-    for path in ("/predict", "/v1/models/{name}:predict", "/v2/models/{name}/infer"):
-        assert path in document["paths"], path
+    served = {(r.path, m.lower()) for r in app.routes if isinstance(r, Route) for m in r.methods or () if m != "HEAD"}
+    documented = {(path, method) for path, item in document["paths"].items() for method in item if method != "parameters"}
+    assert documented == served
+    for path, item in document["paths"].items():
+        in_path = {p["name"] for p in item.get("parameters", []) if p["in"] == "path"}
+        assert in_path == set(re.findall(r"{(\w+)}", path)), path
+
+
+def test_openapi_names_the_model_this_app_serves(settings: AppSettings) -> None:
+    wine = FakeBackend(ModelService(settings.model_copy(update={"model": "wine"})))
+    with TestClient(build_http_app(wine)) as client:
+        info = client.get("/openapi.json").json()["info"]
+    assert info["description"] == "Predictions from the scikit-learn model 'wine'."
+
+
+V2_EXAMPLE = {"inputs": [{"name": "input-0", "shape": [3, 4], "datatype": "FP64", "data": IRIS_ROWS}]}
+# (documented path, a URL of it, a request its documented schema allows)
+PREDICTION_ROUTES = [
+    ("/predict", "/predict", {"features": IRIS_ROWS[0]}),
+    ("/v1/models/{name}:predict", "/v1/models/iris:predict", {"instances": IRIS_ROWS}),
+    ("/v2/models/{name}/infer", "/v2/models/iris/infer", V2_EXAMPLE),
+    ("/v2/models/{name}/versions/{version}/infer", "/v2/models/iris/versions/2/infer", V2_EXAMPLE),
+]
+
+
+@pytest.mark.parametrize(("path", "url", "example"), PREDICTION_ROUTES, ids=[p for p, _, _ in PREDICTION_ROUTES])
+def test_prediction_routes_honour_their_documented_request_and_answers(client: TestClient, path: str, url: str,
+                                                                       example: dict[str, Any]) -> None:
+    """What /openapi.json says each prediction route takes and answers is what it does."""
+    import jsonschema
+
+    document = client.get("/openapi.json").json()
+    operation = document["paths"][path]["post"]
+
+    def validator(schema: dict[str, Any]) -> jsonschema.Draft7Validator:
+        return jsonschema.Draft7Validator({**schema, "components": document["components"]})
+
+    request_schema = validator(operation["requestBody"]["content"]["application/json"]["schema"])
+    request_schema.validate(example)
+    reply = client.post(url, json=example)
+    assert reply.status_code == 200, reply.text
+    validator(operation["responses"]["200"]["content"]["application/json"]["schema"]).validate(reply.json())
+    # A body the schema refuses for lacking its required key is refused, naming that key.
+    missing = [e.message for e in request_schema.iter_errors({}) if e.validator == "required"]
+    assert len(missing) == 1, missing
+    required = missing[0].split("'")[1]
+    wrong_model = url.replace("/iris", "/wine")
+    for attempt, status in [
+        (client.post(url, json={}), 422),
+        (client.post(url, content=b"{", headers={"content-type": "application/json"}), 400),
+        (client.post(url, content=b"<x/>", headers={"content-type": "application/xml"}), 415),
+        (client.post(url, content=b" " * (LIMIT + 1), headers={"content-type": "application/json"}), 413),
+        *([(client.post(wrong_model, json=example), 404)] if wrong_model != url else []),
+    ]:
+        assert attempt.status_code == status, attempt.text
+        documented = operation["responses"][str(status)]["content"]["application/json"]["schema"]
+        validator(documented).validate(attempt.json())
+    assert f"missing key '{required}'" in client.post(url, json={}).json()["error"]
 
 
 def test_unknown_route_and_method(client: TestClient) -> None:

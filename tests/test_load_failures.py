@@ -32,6 +32,7 @@ def _edit_manifest(store: ModelStore, version: str, **changes: Any) -> None:
     manifest = json.loads(path.read_text())
     manifest.update(changes)
     path.write_text(json.dumps(manifest))
+    store.sign_version("iris", version, check=False)  # signed by the publisher: only the fault is tested
 
 
 def missing_file(store: ModelStore, version: str) -> None:
@@ -108,7 +109,9 @@ def test_deployments_refuse_bad_models_visibly_in_serve_status(served: dict[str,
         for case, (_, args, _) in BROKEN.items():
             cluster.apps[_app_name(case)] = app_config(
                 broken_stores[case], name=_app_name(case), route_prefix=f"/{_app_name(case)}",
-                deployment={"ray_actor_options": {"num_cpus": 0.1}}, **args,
+                # One try: Ray retries a failing constructor 3 times by default, ~1 minute here.
+                deployment={"ray_actor_options": {"num_cpus": 0.1}, "max_constructor_retry_count": 1},
+                monitoring={"enabled": False}, **args,
             )
         ops.deploy(cluster.config(), cluster.dashboard)
 
@@ -141,7 +144,7 @@ def good_then_bad(served: dict[str, Any], tmp_path: Path) -> Iterator[tuple[str,
     changed_file(store, "2")
     cluster = served["cluster"]
     cluster.apply(app_config(store, name="pushbad", route_prefix="/pushbad", num_replicas=2,
-                             deployment={"ray_actor_options": {"num_cpus": 0.1}}))
+                             deployment={"ray_actor_options": {"num_cpus": 0.1}}, monitoring={"enabled": False}))
     yield f"{served['base_url']}/pushbad", store
     cluster.remove("pushbad")
 
@@ -153,7 +156,7 @@ def test_bad_version_pushed_to_running_app_keeps_the_good_one(served: dict[str, 
     assert httpx.post(f"{url}/predict", json={"features": IRIS_ROWS[0]}).headers["x-model-version"] == "1"
 
     cluster.apply(app_config(store, name="pushbad", route_prefix="/pushbad", num_replicas=2, user_config={"version": "2"},
-                             deployment={"ray_actor_options": {"num_cpus": 0.1}}), wait=False)
+                             deployment={"ray_actor_options": {"num_cpus": 0.1}}, monitoring={"enabled": False}), wait=False)
 
     def refused_everywhere() -> list[dict[str, Any]]:
         seen = {s["pid"]: s for s in (httpx.get(f"{url}/admin/status", timeout=10).json() for _ in range(16))}

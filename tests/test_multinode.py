@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 import yaml
 
-from serve_app import codec, ops
+from serve_app import codec, ops, signing
 from serve_app.predictor import Predictor
 from serve_app.store import ModelStore
 from serve_app.training import train
@@ -108,7 +108,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     local = LocalCluster(worker_cpus=4, head_cpus=0)
     config = cluster_config(local.head_http_port, mounts)
     store = ModelStore(config["applications"][0]["args"]["store"])
-    train(store)
+    train(store)  # signed with this run's publisher key (tests/conftest.py)
+    # The nodes' environments carry no SERVE_APP_* variable: replicas trust the key the
+    # config names, on its own (here remounted) read-only mount.
+    for trusted in config["applications"][0]["args"]["trusted_keys"]:
+        Path(trusted).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(signing.signing_dir() / signing.PUBLIC_KEY_FILENAME, trusted)
     session_ray_before = _session_ray_alive()
     try:
         local.start(workers=2)
@@ -162,6 +167,7 @@ def expected_labels(store: ModelStore) -> list[Any]:
     return Predictor.load(store, "iris").model.predict(np.array(IRIS_ROWS)).tolist()
 
 
+@pytest.mark.scenario
 def test_replicas_placed_on_more_than_one_node(cluster: dict[str, Any]) -> None:
     local: LocalCluster = cluster["local"]
     nodes = {n["node_id"]: n for n in local.alive_nodes()}
@@ -174,6 +180,7 @@ def test_replicas_placed_on_more_than_one_node(cluster: dict[str, Any]) -> None:
     assert placed <= set(nodes)
 
 
+@pytest.mark.scenario
 def test_every_nodes_ingress_answers(cluster: dict[str, Any]) -> None:
     local: LocalCluster = cluster["local"]
 
@@ -271,6 +278,7 @@ async def post_with_retries(http: httpx.AsyncClient, load: Load, url: str, deadl
 # ---- a worker node dies under load ---------------------------------------------------------
 
 
+@pytest.mark.scenario
 def test_worker_node_killed_under_load_without_failed_requests(cluster: dict[str, Any]) -> None:
     local: LocalCluster = cluster["local"]
     # Back to the config as written (min 2 replicas), so both workers hold replicas.
@@ -298,6 +306,7 @@ def test_worker_node_killed_under_load_without_failed_requests(cluster: dict[str
 
 
 # Last: it leaves replicas wherever scaling down put them (possibly all on one worker).
+@pytest.mark.scenario
 def test_autoscaling_up_under_load_and_back_down(cluster: dict[str, Any], tmp_path: Path) -> None:
     local: LocalCluster = cluster["local"]
     config = copy.deepcopy(cluster["config"])

@@ -189,8 +189,26 @@ def _redeploy(served: dict[str, Any], user_config: dict[str, Any]) -> None:
     served["cluster"].apply(app_config(served["store"], num_replicas=2, user_config=user_config), wait=False)
 
 
-def _replica_statuses(served: dict[str, Any], calls: int = 12) -> list[dict[str, Any]]:
-    return [served["handle"].status.remote().result() for _ in range(calls)]
+def _replica_statuses(served: dict[str, Any]) -> list[dict[str, Any]]:
+    """/admin/status of every RUNNING replica (by pid, as the controller lists them), asked
+    over HTTP until each has answered: HAProxy spreads calls over the replicas, while a
+    handle's router may send every one of a run of sequential calls to the same replica."""
+    from serve_app import ops
+
+    def running_pids() -> set[int] | None:
+        deployment = ops.details(served["cluster"].dashboard)["applications"]["serve_app"]["deployments"]["ModelServer"]
+        pids = {r["pid"] for r in deployment["replicas"] if r["state"] == "RUNNING"}
+        # A replica being reconfigured (an earlier test's user_config) is UPDATING, not RUNNING.
+        return pids if len(pids) == deployment["target_num_replicas"] else None
+
+    pids = wait_for(running_pids, what="every replica RUNNING")
+    seen: dict[int, dict[str, Any]] = {}
+    for _ in range(400):
+        status = httpx.get(f"{served['base_url']}/admin/status").json()
+        seen[status["pid"]] = status
+        if pids <= set(seen):
+            return [seen[pid] for pid in pids]
+    raise AssertionError(f"replicas {sorted(pids - set(seen))} did not answer 400 status calls")
 
 
 def test_live_reconfigure_of_batching_without_restart(served: dict[str, Any]) -> None:
@@ -211,18 +229,9 @@ def test_live_reconfigure_of_batching_without_restart(served: dict[str, Any]) ->
         wait_for(lambda: {s["max_batch_size"] for s in _replica_statuses(served)} == {256}, what="defaults back")
 
 
-def _every_replica(served: dict[str, Any], replicas: int = 2) -> dict[int, dict[str, int]]:
-    """pid -> batch counters of each replica (status calls until all have answered).
-
-    Over HTTP: HAProxy spreads calls over the replicas, while a handle's router may send
-    every one of a run of sequential calls to the same replica."""
-    seen: dict[int, dict[str, int]] = {}
-    for _ in range(200):
-        status = httpx.get(f"{served['base_url']}/admin/status").json()
-        seen[status["pid"]] = status["batches"]
-        if len(seen) == replicas:
-            return seen
-    raise AssertionError(f"only {len(seen)} of {replicas} replicas answered 200 status calls")
+def _every_replica(served: dict[str, Any]) -> dict[int, dict[str, int]]:
+    """pid -> batch counters of each running replica."""
+    return {status["pid"]: status["batches"] for status in _replica_statuses(served)}
 
 
 def test_serve_batch_selected_live_batches_across_requests(served: dict[str, Any], expected: dict[str, np.ndarray]) -> None:
