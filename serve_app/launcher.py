@@ -207,7 +207,14 @@ def report_failure(problem: ops.Failure, config_path: Path, config: dict[str, An
         if str(app.get("import_path", "")).startswith("serve_app."):
             hint = hint.replace("STORE", settings_from_args(app.get("args")).store)
         lines.append(f"serve-app: what to change: {hint}")
+    lines.append(f"serve-app: Ray's own logs, tracebacks included: {ray_logs_dir()}")
     print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+def ray_logs_dir() -> str:
+    from ray._common.utils import get_default_ray_temp_dir
+
+    return str(Path(get_default_ray_temp_dir()) / "session_latest" / "logs")
 
 
 def choose_dashboard_port(wanted: int | None) -> int:
@@ -330,8 +337,11 @@ def serve_run(config_path: str, dashboard_port: int) -> int:
     from ray.serve._private.constants import SERVE_NAMESPACE
     from ray.serve.scripts import cli
 
+    # log_to_driver=False: the controller and replicas keep their logs (a failing replica's
+    # traceback included) in Ray's log files; the launcher prints serve_app's reason itself
+    # and says where those files are, instead of a traceback scrolling past in the terminal.
     ray.init(address="local", namespace=SERVE_NAMESPACE, include_dashboard=True,
-             dashboard_host="127.0.0.1", dashboard_port=dashboard_port)
+             dashboard_host="127.0.0.1", dashboard_port=dashboard_port, log_to_driver=False)
     # `serve run` uses the Ray this process started (it calls ray.init only when none is),
     # and exits the process itself, as the `serve` command does.
     cli(args=["run", config_path], prog_name="serve")

@@ -42,5 +42,5 @@ def test_monitoring_overhead() -> None:
 def test_rollout_under_load() -> None:
     out = _run("rollout_under_load.py", "--seconds-per-step", "1", "--clients", "2")
     assert re.search(r"all steps: \d+ requests, 0 non-2xx", out), out
-    for step in ("canary", "promote", "rollback"):
+    for step in ("canary v2 at 10%", "canary v2 at 50%", "promote v2", "roll back to v1"):
         assert step in out, out
