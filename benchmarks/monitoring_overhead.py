@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -124,6 +125,7 @@ def main() -> int:
         finally:
             ray.shutdown()
             processes.end(started | processes.descendants(os.getpid()))
+            shutil.rmtree(STATE, ignore_errors=True)
     return 0
 
 
