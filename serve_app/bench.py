@@ -318,20 +318,7 @@ class RayDeployment:
 
     def haproxy(self) -> list[processes.Process]:
         """HAProxy may leave the process tree (it daemonises): found by its own config path."""
-        found = []
-        marker = str(self.state_dir).encode()
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if marker in cmdline and b"haproxy" in cmdline:
-                start = _start_time(int(entry))
-                if start >= 0:
-                    found.append((int(entry), start))
-        return found
+        return processes.with_arguments("haproxy", str(self.state_dir))
 
     def memory(self) -> dict[str, Any]:
         """Resident memory of every process of the deployment (Ray's tree and HAProxy)."""
