@@ -41,7 +41,7 @@ def baseline(csv: str, out: str, store: str, model: str) -> None:
     """The plain script: pandas reads, the sklearn model predicts, pandas writes."""
     import pandas as pd
 
-    from serve_app.store import ModelStore
+    from serve_app.model.store import ModelStore
 
     started = time.perf_counter()
     estimator, _ = ModelStore(store).load_verified(model, "production")
@@ -54,7 +54,7 @@ def baseline(csv: str, out: str, store: str, model: str) -> None:
 def ray_job(csv: str, out: str, store: str, model: str) -> None:
     import ray
 
-    from serve_app.batch import run_batch
+    from serve_app.ops.batch import run_batch
 
     started = time.perf_counter()
     ray.init(include_dashboard=False, log_to_driver=False)
@@ -94,8 +94,8 @@ def main() -> int:
     try:
         store = args.store
         if store is None:
-            from serve_app.store import ModelStore
-            from serve_app.training import train
+            from serve_app.model.store import ModelStore
+            from serve_app.model.training import train
 
             store = str(work / "models")
             train(ModelStore(store))

@@ -11,7 +11,7 @@ import argparse
 
 from flask import Flask, jsonify, request
 
-from serve_app import artefacts
+from serve_app.model import formats as artefacts
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", required=True, help="a stored model file (.skops or .joblib)")

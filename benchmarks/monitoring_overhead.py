@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from serve_app import processes  # noqa: E402
+from serve_app.ops import processes  # noqa: E402
 
 STATE = Path(tempfile.mkdtemp(prefix="sa-mo", dir="/tmp"))
 HTTP_PORT = processes.free_port()
@@ -45,10 +45,10 @@ def main() -> int:
     import httpx
     import ray
 
-    from serve_app import ops
-    from serve_app.loadgen import run_load
-    from serve_app.store import ModelStore
-    from serve_app.training import train
+    from serve_app.ops import control
+    from serve_app.ops.loadgen import run_load
+    from serve_app.model.store import ModelStore
+    from serve_app.model.training import train
 
     store = ModelStore(STATE / "models")
     train(store)
@@ -76,10 +76,10 @@ def main() -> int:
         ray.init(address="local", num_cpus=8, include_dashboard=True, dashboard_host="127.0.0.1",
                  dashboard_port=dashboard_port, log_to_driver=False)
         started = processes.descendants(os.getpid())
-        ops.deploy({"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": HTTP_PORT},
+        control.deploy({"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": HTTP_PORT},
                     "applications": list(configs.values())}, dashboard)
         for name in configs:
-            ops.wait_until_running(name, dashboard)
+            control.wait_until_running(name, dashboard)
         body = json.dumps({"features": [5.1, 3.5, 1.4, 0.2]}).encode()
         headers = {"content-type": "application/json"}
         for name in configs:

@@ -4,7 +4,7 @@
 
 Starts the project's deployment (configs/local.yaml on a private Ray, like `serve-app bench`)
 with iris v1 (LogisticRegression) and v2 (RandomForest), keeps `--clients` connections sending
-1-row requests, and applies each step live (serve_app.rollout, the same calls as the CLI). It
+1-row requests, and applies each step live (serve_app.ops.rollout, the same calls as the CLI). It
 prints, per step, the requests sent, non-2xx, and which versions answered; requests are
 stamped when sent, and one sent after a step completed must be answered by that step's
 versions. Exits 1 if any request failed or a version answered that was not live.
@@ -23,10 +23,10 @@ from pathlib import Path
 
 import httpx
 
-from serve_app import rollout
-from serve_app.bench import Progress, RayDeployment
-from serve_app.store import ModelStore
-from serve_app.training import train
+from serve_app.ops import rollout
+from serve_app.ops.bench import Progress, RayDeployment
+from serve_app.model.store import ModelStore
+from serve_app.model.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW = [6.7, 3.0, 5.2, 2.3]

@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from serve_app import artefacts
+from serve_app.model import formats as artefacts
 
 
 def build(model_path: str) -> Starlette:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from serve_app.errors import ServeAppError
-from serve_app.store import ModelStore
+from serve_app.model.store import ModelStore
 
 if TYPE_CHECKING:
-    from serve_app.predictor import Predictor
+    from serve_app.model.predictor import Predictor
 
 __all__ = ["ModelStore", "Predictor", "ServeAppError"]
 __version__ = "0.1.0"
@@ -18,7 +18,7 @@ def __getattr__(name: str) -> Any:
     # Predictor imports scikit-learn (~2 s here); commands that never predict
     # (`serve-app --help`, `models list`, the load generator) should not pay for it.
     if name == "Predictor":
-        from serve_app.predictor import Predictor
+        from serve_app.model.predictor import Predictor
 
         return Predictor
     raise AttributeError(f"module 'serve_app' has no attribute {name!r}")

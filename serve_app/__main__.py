@@ -1,5 +1,5 @@
 import sys
 
-from serve_app.cli import main
+from serve_app.ops.cli import main
 
 sys.exit(main())

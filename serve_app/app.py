@@ -12,9 +12,9 @@ from typing import Any, Mapping
 
 from ray.serve import Application
 
-from serve_app.deployment import ModelServer
+from serve_app.serving.deployment import ModelServer
 from serve_app.settings import AppSettings, ConfigError, RuntimeSettings, validated
-from serve_app.store import ModelStore
+from serve_app.model.store import ModelStore
 
 __all__ = ["ConfigError", "build_app", "settings_from_args"]
 

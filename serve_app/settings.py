@@ -14,7 +14,7 @@ from typing import Literal, Optional, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from serve_app.store import DEFAULT_ALIAS, NAME_PATTERN
+from serve_app.model.store import DEFAULT_ALIAS, NAME_PATTERN
 
 SettingsT = TypeVar("SettingsT", bound=BaseModel)
 
@@ -118,7 +118,7 @@ class AppSettings(BaseModel):
     api_key_env: Optional[str] = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     """If set, predict, model-metadata and admin routes need `Authorization: Bearer <key>`,
     the key being this environment variable of the replicas (e.g. set through the app's
-    runtime_env.env_vars). Probes and /openapi.json stay open. See serve_app/auth.py."""
+    runtime_env.env_vars). Probes and /openapi.json stay open. See serve_app/serving/auth.py."""
 
     api_key_file: Optional[str] = None
     """Like api_key_env, the key read from this file instead (a mounted secret). Set one
@@ -126,7 +126,7 @@ class AppSettings(BaseModel):
 
     trusted_keys: Optional[list[str]] = None
     """Public keys (PEM files) of the publishers whose signed versions the replicas load; a
-    version not signed by one of them is refused (serve_app/signing.py). Unset: the keys in
+    version not signed by one of them is refused (serve_app/model/signing.py). Unset: the keys in
     $SERVE_APP_TRUSTED_KEYS, else the local publisher's key (a laptop). Keep them where
     whoever can write the model store cannot write."""
 
@@ -220,7 +220,7 @@ class RuntimeSettings(BaseModel):
     is queued right now: no added latency when idle, full batches under load."""
 
     batcher: Literal["micro", "serve"] = "micro"
-    """Which batcher groups requests: "micro" (serve_app/microbatch.py, a few µs a request)
+    """Which batcher groups requests: "micro" (serve_app/serving/batching.py, a few µs a request)
     or "serve" (Ray Serve's `@serve.batch`, 300-900 µs a request measured here). Both size
     batches in rows and take the two settings above live."""
 

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pytest
 
-from serve_app import processes
+from serve_app.ops import processes
 
 # Everything a test run creates lives in one folder, removed at the end: pytest's tmp_path,
 # Ray's session dirs (Ray honours TMPDIR), HAProxy's files, `make run`'s and the local
@@ -62,8 +62,8 @@ os.environ.update(
 )
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from serve_app.store import ModelStore  # noqa: E402
-from serve_app.training import save_fitted, train  # noqa: E402
+from serve_app.model.store import ModelStore  # noqa: E402
+from serve_app.model.training import save_fitted, train  # noqa: E402
 
 IRIS_ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3], [5.9, 3.0, 4.2, 1.5]]
 
@@ -115,7 +115,7 @@ def session_store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
 
 
 class ServeCluster:
-    """The session's Ray + Serve, driven declaratively like `serve deploy` (ops.deploy).
+    """The session's Ray + Serve, driven declaratively like `serve deploy` (control.deploy).
 
     Serve forbids mixing imperative `serve.run` apps with config-deployed ones, and each
     config deploy replaces the whole set of apps, so every test app goes through `apply`.
@@ -135,18 +135,18 @@ class ServeCluster:
         }
 
     def apply(self, app: dict[str, Any], wait: bool = True) -> None:
-        from serve_app import ops
+        from serve_app.ops import control
 
         self.apps[app["name"]] = app
-        ops.deploy(self.config(), self.dashboard)
+        control.deploy(self.config(), self.dashboard)
         if wait:
-            ops.wait_until_running(app["name"], self.dashboard)
+            control.wait_until_running(app["name"], self.dashboard)
 
     def remove(self, name: str) -> None:
-        from serve_app import ops
+        from serve_app.ops import control
 
         if self.apps.pop(name, None) is not None:
-            ops.deploy(self.config(), self.dashboard)
+            control.deploy(self.config(), self.dashboard)
 
 
 def app_config(

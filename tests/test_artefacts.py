@@ -15,11 +15,11 @@ from sklearn import datasets
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import train_test_split
 
-from serve_app import artefacts
+from serve_app.model import formats as artefacts
 from serve_app.errors import ModelLoadError
-from serve_app.manifest import MANIFEST_FILENAME, QUANTILES, feature_stats, sha256_of
-from serve_app.store import ModelStore
-from serve_app.training import save_fitted, train
+from serve_app.model.manifest import MANIFEST_FILENAME, QUANTILES, feature_stats, sha256_of
+from serve_app.model.store import ModelStore
+from serve_app.model.training import save_fitted, train
 
 from .conftest import fit_dummy
 

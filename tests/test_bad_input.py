@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 import pytest
 
-from serve_app import codec
+from serve_app.protocol import codec
 
 from .conftest import IRIS_ROWS, app_config, wait_for
 

@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from serve_app.batch import BatchError, Chunk, plan_csv, predict_chunk, read_output, run_batch
-from serve_app.cli import main
-from serve_app.predictor import Predictor
-from serve_app.store import ModelStore
+from serve_app.ops.batch import BatchError, Chunk, plan_csv, predict_chunk, read_output, run_batch
+from serve_app.ops.cli import main
+from serve_app.model.predictor import Predictor
+from serve_app.model.store import ModelStore
 
 FEATURES = ["sepal length (cm)", "sepal width (cm)", "petal length (cm)", "petal width (cm)"]
 # (line text, expected error fragment) planted among good rows

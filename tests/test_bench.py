@@ -19,7 +19,7 @@ from typing import Iterator
 
 import pytest
 
-from serve_app.loadgen import wrk_path
+from serve_app.ops.loadgen import wrk_path
 
 from .conftest import env_for_own_ray, run_bounded
 from .readme import command_starting, record
@@ -72,7 +72,7 @@ def test_make_bench_quick(tmp_path: Path) -> None:
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
     # Everything the bench started for serve_app (Ray's tree, HAProxy) is gone, and its port free.
-    from serve_app.processes import alive, port_is_free
+    from serve_app.ops.processes import alive, port_is_free
 
     started = [tuple(p) for p in report["deployment_processes"]]
     assert started and not [p for p in started if alive(p)]  # type: ignore[arg-type]
@@ -127,7 +127,7 @@ def tiny_server() -> Iterator[str]:
 
 def test_python_load_generator_counts_every_answer(tiny_server: str) -> None:
     """The fallback used when wrk is missing: against a tiny server, every answer is counted."""
-    from serve_app.loadgen import run_load
+    from serve_app.ops.loadgen import run_load
 
     good = run_load(tiny_server, b'{"x": 1}', {"content-type": "application/json"}, connections=2, duration_s=1, generator="python")
     bad = run_load(tiny_server, b'{"x": 2}', {"content-type": "application/json"}, connections=2, duration_s=1, generator="python")
@@ -144,7 +144,7 @@ def _gaps_ms(arrivals: dict[tuple[str, int], list[float]]) -> list[float]:
 def test_paced_load_waits_its_pause_between_requests(tiny_server: str, generator: str) -> None:
     """The soak's pacing, seen by the server: on each connection, a paced load leaves at
     least its pause between one request and the next; the same load unpaced does not."""
-    from serve_app.loadgen import run_load, wrk_path
+    from serve_app.ops.loadgen import run_load, wrk_path
 
     assert generator == "python" or wrk_path(), "wrk is not installed: `make test-scenarios` installs it"
     body, headers = b'{"x": 1}', {"content-type": "application/json"}
@@ -160,7 +160,7 @@ def test_paced_load_waits_its_pause_between_requests(tiny_server: str, generator
 
 
 def test_soak_pause_offers_the_asked_share_of_the_peak() -> None:
-    from serve_app.bench import soak_pause_ms
+    from serve_app.ops.bench import soak_pause_ms
 
     # 32 connections, 70% of 1,400 req/s = 980 req/s: a 32.65 ms cycle, of which 1.5 ms is the request.
     assert soak_pause_ms(32, 980.0, 1.5) == 31

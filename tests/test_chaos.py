@@ -24,7 +24,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from serve_app import ops
+from serve_app.ops import control
 
 from .conftest import IRIS_ROWS, ServeCluster, app_config, wait_for
 
@@ -47,7 +47,7 @@ def retrying_session() -> requests.Session:
 
 
 def replicas(cluster: ServeCluster, app: str) -> list[dict[str, Any]]:
-    info = ops.details(cluster.dashboard)["applications"].get(app) or {}
+    info = control.details(cluster.dashboard)["applications"].get(app) or {}
     deployment = (info.get("deployments") or {}).get("ModelServer") or {}
     return list(deployment.get("replicas") or [])
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from serve_app import processes
-from serve_app.cli import main
-from serve_app.store import ModelStore
-from serve_app.training import save_fitted, train
+from serve_app.ops import processes
+from serve_app.ops.cli import main
+from serve_app.model.store import ModelStore
+from serve_app.model.training import save_fitted, train
 
 from .conftest import fit_dummy
 

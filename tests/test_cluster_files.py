@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from serve_app import kuberay
+from cluster import kuberay
 from serve_app.app import settings_from_args
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import np_to_triton_dtype
 
-from serve_app import codec
+from serve_app.protocol import codec
 from serve_app.errors import BadRequest, InvalidInput, ServeAppError, UnsupportedMediaType
 
 NUMERIC = list(codec.NUMERIC_INPUT_DATATYPES)

@@ -7,10 +7,10 @@ import pytest
 from scipy.stats import ks_2samp
 from sklearn.datasets import load_iris
 
-from serve_app.manifest import Manifest
+from serve_app.model.manifest import Manifest
 from serve_app.monitoring.drift import DriftReference, RowWindow, Thresholds, WindowCounts, score
-from serve_app.store import ModelStore
-from serve_app.training import train
+from serve_app.model.store import ModelStore
+from serve_app.model.training import train
 
 IRIS = load_iris().data
 

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.generation import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from serve_app.openapi import openapi_document
+from serve_app.serving.http.openapi import openapi_document
 
 pytestmark = pytest.mark.ray
 

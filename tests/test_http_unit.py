@@ -18,13 +18,13 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", StarletteDeprecationWarning)
     from starlette.testclient import TestClient
 
-from serve_app import codec
-from serve_app.http import build_http_app
-from serve_app.predictor import PREDICT, Predictor
-from serve_app.service import ModelService
+from serve_app.protocol import codec
+from serve_app.serving.http.app import build_http_app
+from serve_app.model.predictor import PREDICT, Predictor
+from serve_app.serving.versions import ModelVersions
 from serve_app.settings import AppSettings
-from serve_app.store import ModelStore
-from serve_app.training import save_fitted, train
+from serve_app.model.store import ModelStore
+from serve_app.model.training import save_fitted, train
 
 from .conftest import IRIS_ROWS
 
@@ -41,25 +41,23 @@ class Result:
 class FakeBackend:
     """What ModelServer gives the routes (settings, service, infer, status), minus Ray and batching."""
 
-    def __init__(self, service: ModelService) -> None:
+    def __init__(self, service: ModelVersions) -> None:
         self.settings = service.settings
-        self.service = service
+        self.versions = service
         self.calls: list[tuple[tuple[int, ...], tuple[str, ...], str | None, str | None]] = []
         self.fail_with: Exception | None = None
 
-    async def infer(self, rows: Any, outputs: Sequence[str] = (PREDICT,), version: str | None = None,
-                    model: str | None = None, route_key: str | None = None) -> Result:
+    async def infer(self, predictor: Predictor, rows: Any, outputs: Sequence[str] = (PREDICT,)) -> Result:
         if self.fail_with is not None:
             raise self.fail_with
-        predictor = self.service.predictor(version, model)
         outputs = tuple(outputs)
         predictor.check_outputs(outputs)
         array = predictor.validate(rows)
-        self.calls.append((array.shape, outputs, version, model))
+        self.calls.append((array.shape, outputs, predictor.version, predictor.name))
         return Result(predictor.name, predictor.version, predictor.run(array, outputs))
 
     def status(self) -> dict[str, Any]:
-        return {"model": self.service.name, "version": self.service.default.version}
+        return {"model": self.versions.name, "version": self.versions.default.version}
 
 
 @pytest.fixture(scope="module")
@@ -82,15 +80,15 @@ def settings(trained: Path) -> AppSettings:
 
 
 @pytest.fixture(scope="module")
-def service(settings: AppSettings) -> ModelService:
+def service(settings: AppSettings) -> ModelVersions:
     """Loaded once: no test changes the store or the default version."""
-    service = ModelService(settings)
+    service = ModelVersions(settings)
     service.set_default("production")
     return service
 
 
 @pytest.fixture
-def backend(service: ModelService) -> FakeBackend:
+def backend(service: ModelVersions) -> FakeBackend:
     return FakeBackend(service)
 
 
@@ -213,7 +211,7 @@ def test_v2_server_routes(client: TestClient) -> None:
 
 
 def test_v2_not_ready_before_a_model_is_loaded(settings: AppSettings) -> None:
-    unloaded = FakeBackend(ModelService(settings))
+    unloaded = FakeBackend(ModelVersions(settings))
     with TestClient(build_http_app(unloaded), raise_server_exceptions=False) as client:
         assert client.get("/v2/health/live").json() == {"live": True}
         assert_error(client.get("/v2/health/ready"), 404, "model 'iris' is not loaded yet")
@@ -221,7 +219,7 @@ def test_v2_not_ready_before_a_model_is_loaded(settings: AppSettings) -> None:
 
 def test_v2_model_metadata_and_ready(client: TestClient, backend: FakeBackend) -> None:
     metadata = client.get("/v2/models/iris").json()
-    manifest = backend.service.store.manifest("iris", "1")
+    manifest = backend.versions.store.manifest("iris", "1")
     assert metadata["name"] == "iris" and metadata["versions"] == ["1", "2"] and metadata["platform"] == "sklearn"
     assert metadata["inputs"] == [{"name": "input-0", "datatype": "FP64", "shape": [-1, 4]}]
     assert metadata["outputs"] == [{"name": "predict", "datatype": "INT64", "shape": [-1]},
@@ -341,7 +339,7 @@ def test_openapi_documents_exactly_the_routes_and_methods_served(backend: FakeBa
 
 
 def test_openapi_names_the_model_this_app_serves(settings: AppSettings) -> None:
-    wine = FakeBackend(ModelService(settings.model_copy(update={"model": "wine"})))
+    wine = FakeBackend(ModelVersions(settings.model_copy(update={"model": "wine"})))
     with TestClient(build_http_app(wine)) as client:
         info = client.get("/openapi.json").json()["info"]
     assert info["description"] == "Predictions from the scikit-learn model 'wine'."

@@ -1,5 +1,5 @@
 """Models that cannot be loaded: refused with a message that says why, both in the
-runtime and in `serve status` (ops.app_status); and a bad version pushed to a running
+runtime and in `serve status` (control.app_status); and a bad version pushed to a running
 app leaves the good one serving."""
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from typing import Any, Callable, Iterator
 import httpx
 import pytest
 
-from serve_app import ops
+from serve_app.ops import control
 from serve_app.errors import ModelLoadError
-from serve_app.manifest import MANIFEST_FILENAME, sha256_of
-from serve_app.predictor import Predictor
-from serve_app.store import ModelStore
-from serve_app.training import save_fitted
+from serve_app.model.manifest import MANIFEST_FILENAME, sha256_of
+from serve_app.model.predictor import Predictor
+from serve_app.model.store import ModelStore
+from serve_app.model.training import save_fitted
 
 from .conftest import IRIS_ROWS, app_config, fit_dummy, wait_for
 
@@ -113,10 +113,10 @@ def test_deployments_refuse_bad_models_visibly_in_serve_status(served: dict[str,
                 deployment={"ray_actor_options": {"num_cpus": 0.1}, "max_constructor_retry_count": 1},
                 monitoring={"enabled": False}, **args,
             )
-        ops.deploy(cluster.config(), cluster.dashboard)
+        control.deploy(cluster.config(), cluster.dashboard)
 
         def all_failed() -> dict[str, dict[str, Any]]:
-            statuses = {name: ops.app_status(name, cluster.dashboard) for name in names}
+            statuses = {name: control.app_status(name, cluster.dashboard) for name in names}
             return statuses if all(s["status"] == "DEPLOY_FAILED" for s in statuses.values()) else {}
 
         statuses = wait_for(all_failed, timeout_s=240, interval_s=1.0, what="every broken app to be DEPLOY_FAILED")
@@ -134,7 +134,7 @@ def test_deployments_refuse_bad_models_visibly_in_serve_status(served: dict[str,
     finally:
         for name in names:
             cluster.apps.pop(name, None)
-        ops.deploy(cluster.config(), cluster.dashboard)
+        control.deploy(cluster.config(), cluster.dashboard)
 
 
 @pytest.fixture
@@ -170,4 +170,4 @@ def test_bad_version_pushed_to_running_app_keeps_the_good_one(served: dict[str, 
     for _ in range(10):
         reply = httpx.post(f"{url}/predict", json={"features": IRIS_ROWS}, timeout=10)
         assert reply.status_code == 200 and reply.headers["x-model-version"] == "1", reply.text
-    assert ops.app_status("pushbad", cluster.dashboard)["status"] == "RUNNING"
+    assert control.app_status("pushbad", cluster.dashboard)["status"] == "RUNNING"

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import pytest
 
-from serve_app.microbatch import MicroBatcher
+from serve_app.serving.batching import MicroBatcher
 
 
 def _recording(batches: list[list[int]]) -> MicroBatcher[int]:

@@ -25,12 +25,12 @@ import numpy as np
 import pytest
 import skops.io
 
-from serve_app import artefacts
+from serve_app.model import formats as artefacts
 from serve_app.errors import ModelLoadError
-from serve_app.manifest import MANIFEST_FILENAME
-from serve_app.predictor import Predictor
-from serve_app.store import ModelStore
-from serve_app.training import save_fitted
+from serve_app.model.manifest import MANIFEST_FILENAME
+from serve_app.model.predictor import Predictor
+from serve_app.model.store import ModelStore
+from serve_app.model.training import save_fitted
 
 from .conftest import fit_dummy
 
@@ -367,7 +367,7 @@ def test_a_signature_by_an_untrusted_key_is_refused(store: ModelStore, tmp_path:
 
 @pytest.mark.parametrize("fmt", ["skops", "joblib"])
 def test_every_trained_estimator_loads(store: ModelStore, fmt: str) -> None:
-    from serve_app.training import DATASETS, ESTIMATORS, train
+    from serve_app.model.training import DATASETS, ESTIMATORS, train
 
     for task, dataset in (("classification", "iris"), ("regression", "diabetes")):
         for estimator in ESTIMATORS[task]:
@@ -399,7 +399,7 @@ API_KEY = "attack-test-key-0123456789"
 
 
 def test_open_routes_load_nothing_and_reveal_nothing(store: ModelStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    from serve_app.http import build_http_app
+    from serve_app.serving.http.app import build_http_app
 
     from .test_service import TestClient, replica_class
 
@@ -411,8 +411,8 @@ def test_open_routes_load_nothing_and_reveal_nothing(store: ModelStore, monkeypa
                               "api_key_env": "SERVE_APP_ATTACK_TEST_KEY"})
     server.reconfigure({"version": "1"})
     reads: list[str] = []
-    real = server.service.store.load_verified
-    monkeypatch.setattr(server.service.store, "load_verified", lambda *a: reads.append(str(a[1])) or real(*a))
+    real = server.versions.store.load_verified
+    monkeypatch.setattr(server.versions.store, "load_verified", lambda *a: reads.append(str(a[1])) or real(*a))
     with TestClient(build_http_app(server), raise_server_exceptions=False) as client:
         assert client.get("/v2/models/dummy/versions/1/ready").json() == {"name": "dummy", "version": "1", "ready": True}
         assert client.get("/v1/models/dummy").status_code == 200

@@ -17,10 +17,10 @@ from serve_app.monitoring import metrics as m
 from serve_app.monitoring.hub import MonitorHub
 from serve_app.monitoring.monitor import LocalHub, Monitor
 from serve_app.monitoring.predlog import PredictionLog
-from serve_app.monitoring.routes import decode_feedback
-from serve_app.predictor import Predictor
+from serve_app.serving.http.monitoring import decode_feedback
+from serve_app.model.predictor import Predictor
 from serve_app.settings import AppSettings, MonitoringSettings
-from serve_app.store import ModelStore
+from serve_app.model.store import ModelStore
 
 from .conftest import IRIS_ROWS
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from serve_app.monitoring.hub import HUB_NAMESPACE, hub_name
-from serve_app.predictor import Predictor
+from serve_app.model.predictor import Predictor
 
 from .conftest import IRIS_ROWS, app_config, wait_for
 

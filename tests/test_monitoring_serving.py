@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_iris
 
-from serve_app.predictor import Predictor
+from serve_app.model.predictor import Predictor
 
 from .conftest import IRIS_ROWS, app_config, wait_for
 
@@ -198,7 +198,7 @@ def test_metrics_endpoint_has_every_dashboard_metric(monitored: dict[str, Any]) 
 
 
 def test_dashboard_page_and_report_png(monitored: dict[str, Any], tmp_path: Path) -> None:
-    from serve_app.cli import main
+    from serve_app.ops.cli import main
 
     url = monitored["url"]
     _send_rows(url, IRIS.data[::3])  # its own traffic: the page draws plots once the hub has rows

@@ -32,10 +32,14 @@ import numpy as np
 import pytest
 import yaml
 
-from serve_app import codec, ops, signing
-from serve_app.predictor import Predictor
-from serve_app.store import ModelStore
-from serve_app.training import train
+from serve_app.protocol import codec
+
+from serve_app.ops import control
+
+from serve_app.model import signing
+from serve_app.model.predictor import Predictor
+from serve_app.model.store import ModelStore
+from serve_app.model.training import train
 
 from .conftest import IRIS_ROWS, wait_for
 from .localcluster import LocalCluster
@@ -121,7 +125,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         deployed = local.serve("deploy", str(path))
         assert deployed.returncode == 0, deployed.stderr[-3000:]
-        ops.wait_until_running("serve_app", local.dashboard, timeout_s=240)
+        control.wait_until_running("serve_app", local.dashboard, timeout_s=240)
         yield {"local": local, "config": config, "store": store, "path": path}
     finally:
         ended = local.stop()
@@ -159,7 +163,7 @@ def _processes_mentioning(text: str) -> list[int]:
 
 
 def replicas(local: LocalCluster) -> list[dict[str, Any]]:
-    app = ops.details(local.dashboard)["applications"]["serve_app"]
+    app = control.details(local.dashboard)["applications"]["serve_app"]
     return [r for r in app["deployments"]["ModelServer"]["replicas"] if r["state"] == "RUNNING"]
 
 
@@ -185,7 +189,7 @@ def test_every_nodes_ingress_answers(cluster: dict[str, Any]) -> None:
     local: LocalCluster = cluster["local"]
 
     def healthy() -> dict[str, Any] | None:
-        proxies = ops.details(local.dashboard)["proxies"]
+        proxies = control.details(local.dashboard)["proxies"]
         return proxies if len(proxies) == 3 and all(p["status"] == "HEALTHY" for p in proxies.values()) else None
 
     proxies = wait_for(healthy, 120, what="a HEALTHY proxy on each of the 3 nodes")
@@ -283,7 +287,7 @@ def test_worker_node_killed_under_load_without_failed_requests(cluster: dict[str
     local: LocalCluster = cluster["local"]
     # Back to the config as written (min 2 replicas), so both workers hold replicas.
     assert local.serve("deploy", str(cluster["path"])).returncode == 0
-    ops.wait_until_running("serve_app", local.dashboard, timeout_s=120)
+    control.wait_until_running("serve_app", local.dashboard, timeout_s=120)
     wait_for(lambda: len({r["node_id"] for r in replicas(local)}) >= 2, 120, what="replicas on both workers")
     by_node = {r["node_id"] for r in replicas(local)}
     victim = local.nodes[-1]  # worker2
@@ -320,7 +324,7 @@ def test_autoscaling_up_under_load_and_back_down(cluster: dict[str, Any], tmp_pa
     path = local.root / "cluster-autoscaling.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     assert local.serve("deploy", str(path)).returncode == 0
-    ops.wait_until_running("serve_app", local.dashboard, timeout_s=120)
+    control.wait_until_running("serve_app", local.dashboard, timeout_s=120)
     low, high = scaling["min_replicas"], scaling["max_replicas"]
 
     record: list[tuple[float, int, int, int, float]] = []  # t, clients, target, running, req/s
@@ -328,7 +332,7 @@ def test_autoscaling_up_under_load_and_back_down(cluster: dict[str, Any], tmp_pa
     start = time.monotonic()
 
     def sample(load: Load, last_done: int, last_t: float) -> tuple[int, float]:
-        deployment = ops.details(local.dashboard)["applications"]["serve_app"]["deployments"]["ModelServer"]
+        deployment = control.details(local.dashboard)["applications"]["serve_app"]["deployments"]["ModelServer"]
         running = sum(r["state"] == "RUNNING" for r in deployment["replicas"])
         now = time.monotonic()
         rate = (load.done - last_done) / max(now - last_t, 1e-6)

@@ -14,9 +14,9 @@ from sklearn.linear_model import LinearRegression, LogisticRegression
 
 from serve_app import Predictor
 from serve_app.errors import InvalidInput, ModelLoadError, NotFound, PayloadTooLarge, ServeAppError
-from serve_app.manifest import MANIFEST_FILENAME
-from serve_app.store import ModelStore
-from serve_app.training import save_fitted
+from serve_app.model.manifest import MANIFEST_FILENAME
+from serve_app.model.store import ModelStore
+from serve_app.model.training import save_fitted
 
 from .conftest import IRIS_ROWS, fit_dummy
 

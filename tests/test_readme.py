@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from serve_app import processes
+from serve_app.ops import processes
 
 from .conftest import run_bounded, wait_for
 

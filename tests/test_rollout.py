@@ -17,10 +17,10 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from serve_app import rollout
-from serve_app.cli import main
-from serve_app.store import ModelStore
-from serve_app.training import train
+from serve_app.ops import rollout
+from serve_app.ops.cli import main
+from serve_app.model.store import ModelStore
+from serve_app.model.training import train
 
 from .conftest import IRIS_ROWS, ServeCluster, app_config, wait_for
 

@@ -25,9 +25,11 @@ from typing import Any, Callable
 import pytest
 import yaml
 
-from serve_app import ops, processes
-from serve_app.store import ModelStore
-from serve_app.training import train
+from serve_app.ops import control
+
+from serve_app.ops import processes
+from serve_app.model.store import ModelStore
+from serve_app.model.training import train
 
 pytestmark = [pytest.mark.scenario]
 
@@ -317,7 +319,7 @@ def test_unhealthy_deployment_is_reported_while_serving(case: Case) -> None:
     run = case.start()
     try:
         run.wait_for_line("serve-app: serving on", timeout_s=HANG_GUARD_S)
-        details = ops.details(run.wait_for_line("dashboard http://", 1).split("dashboard ")[1].split()[0])
+        details = control.details(run.wait_for_line("dashboard http://", 1).split("dashboard ")[1].split()[0])
         replica = details["applications"]["serve_app"]["deployments"]["ModelServer"]["replicas"][0]["pid"]
         os.kill(replica, signal.SIGKILL)
         warning = run.wait_for_line("is UNHEALTHY", timeout_s=60)
@@ -341,32 +343,32 @@ RAY_REPLICA_MESSAGE = (
     '  File ".../ray/serve/_private/replica.py", line 1928, in initialize\n'
     "    raise RuntimeError(traceback.format_exc()) from None\n"
     "RuntimeError: Traceback (most recent call last):\n"
-    '  File "/work/main/serve_app/auth.py", line 59, in load_api_key\n'
+    '  File "/work/main/serve_app/serving/auth.py", line 59, in load_api_key\n'
     "    raise ApiKeyConfigError(\n"
-    "serve_app.auth.ApiKeyConfigError: the API key in environment variable K (of the replica processes) is too short"
+    "serve_app.serving.auth.ApiKeyConfigError: the API key in environment variable K (of the replica processes) is too short"
 )
 
 
 def test_reason_is_serve_apps_own_message_not_the_traceback() -> None:
     app = {"status": "DEPLOYING", "deployments": {"ModelServer": {"status": "UPDATING", "message": RAY_REPLICA_MESSAGE}}}
-    problem = ops.failure("serve_app", app)
+    problem = control.failure("serve_app", app)
     assert problem is not None and problem.final and problem.deployment == "ModelServer"
     assert problem.reason == "the API key in environment variable K (of the replica processes) is too short"
     assert problem.error == "ApiKeyConfigError" and problem.hint.startswith("give the replicas a key")
     # Not serve_app's own error: Ray may succeed on a retry, so only DEPLOY_FAILED is final.
-    other = RAY_REPLICA_MESSAGE.replace("serve_app.auth.ApiKeyConfigError", "ray.exceptions.ActorDiedError")
+    other = RAY_REPLICA_MESSAGE.replace("serve_app.serving.auth.ApiKeyConfigError", "ray.exceptions.ActorDiedError")
     app["deployments"]["ModelServer"]["message"] = other
-    problem = ops.failure("serve_app", app)
+    problem = control.failure("serve_app", app)
     assert problem is not None and not problem.final and problem.reason.startswith("ActorDiedError: the API key")
     app["deployments"]["ModelServer"]["status"] = "DEPLOY_FAILED"
-    assert ops.failure("serve_app", app).final  # type: ignore[union-attr]
+    assert control.failure("serve_app", app).final  # type: ignore[union-attr]
     # The builder failed: the app's own message, with no deployment.
     built = {"status": "DEPLOY_FAILED", "deployments": {}, "message": (
         "Deploying app 'serve_app' failed with exception:\nTraceback (most recent call last):\n"
         '  File "/work/main/serve_app/app.py", line 40, in build_app\n    raise ConfigError(problem)\n'
         "serve_app.settings.ConfigError: the model store /x has no model 'iris'; train one with: serve-app train")}
-    problem = ops.failure("serve_app", built)
+    problem = control.failure("serve_app", built)
     assert problem is not None and problem.deployment is None and problem.final
     assert problem.reason == "the model store /x has no model 'iris'; train one with: serve-app train"
     healthy = {"status": "RUNNING", "deployments": {"ModelServer": {"status": "HEALTHY", "message": ""}}}
-    assert ops.failure("serve_app", healthy) is None
+    assert control.failure("serve_app", healthy) is None

@@ -13,13 +13,13 @@ import numpy as np
 import orjson
 import pytest
 
-from serve_app import artefacts
+from serve_app.model import formats as artefacts
 from serve_app.errors import ModelLoadError, NotFound, StoreError
-from serve_app.http import build_http_app
-from serve_app.manifest import MANIFEST_FILENAME, sha256_of
-from serve_app.predictor import Predictor
-from serve_app.store import ModelStore
-from serve_app.training import save_fitted
+from serve_app.serving.http.app import build_http_app
+from serve_app.model.manifest import MANIFEST_FILENAME, sha256_of
+from serve_app.model.predictor import Predictor
+from serve_app.model.store import ModelStore
+from serve_app.model.training import save_fitted
 
 from .conftest import fit_dummy
 from .test_service import TestClient, replica_class
@@ -218,7 +218,7 @@ def test_skops_random_forest_loads(store: ModelStore) -> None:
 @pytest.fixture(scope="module")
 def shared_iris(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
     """One trained iris store for the read-only path checks (training costs ~1 s each)."""
-    from serve_app.training import train
+    from serve_app.model.training import train
 
     store = ModelStore(tmp_path_factory.mktemp("paths") / "models")
     train(store)
@@ -354,7 +354,7 @@ def _request(authorization: str | None) -> Any:
 
 
 def test_api_key_from_a_secret_file(tmp_path: Path) -> None:
-    from serve_app import auth
+    from serve_app.serving import auth
 
     secret = tmp_path / "key"
     secret.write_text("s3cret-key-of-enough-length\n")
@@ -371,7 +371,7 @@ def test_api_key_from_a_secret_file(tmp_path: Path) -> None:
 
 
 def test_api_key_misconfiguration_fails_closed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from serve_app import auth
+    from serve_app.serving import auth
 
     assert auth.load_api_key(None, None) is None  # off: no check at all
     monkeypatch.delenv("SERVE_APP_TEST_UNSET", raising=False)
@@ -394,7 +394,7 @@ PROTECTED = [
     ("GET", "/v2/models/iris/versions/1", None),
     ("GET", "/admin/status", None),
     ("POST", "/predict/stream", b"[5.1, 3.5, 1.4, 0.2]\n[6.7, 3.0, 5.2, 2.3]\n"),  # NDJSON
-    # The monitoring routes (serve_app/monitoring/routes.py); the app has monitoring on.
+    # The monitoring routes (serve_app/serving/http/monitoring.py); the app has monitoring on.
     ("POST", "/feedback", {"request_id": "no-such-request", "label": 0}),
     ("POST", "/v2/models/iris/feedback", {"request_id": "no-such-request", "label": 0}),
     ("GET", "/v2/models/iris/drift", None),
@@ -499,7 +499,7 @@ def listening_sockets(pids: set[int]) -> list[dict[str, Any]]:
 
 @pytest.mark.ray
 def test_listening_ports_of_the_deployment(served: dict[str, Any]) -> None:
-    from serve_app import processes
+    from serve_app.ops import processes
 
     ours = {pid for pid, _ in processes.descendants(os.getpid())} | {os.getpid()}
     rows = listening_sockets(ours)

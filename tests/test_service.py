@@ -1,4 +1,4 @@
-"""The versions a replica keeps loaded (serve_app/service.py): up to four, the routed ones
+"""The versions a replica keeps loaded (serve_app/serving/versions.py): up to four, the routed ones
 never evicted, and /admin/status saying which.
 
 The replica here is the real ModelServer class (monitoring off, so no Ray is needed)
@@ -18,11 +18,11 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", StarletteDeprecationWarning)
     from starlette.testclient import TestClient
 
-from serve_app.deployment import ModelServer
-from serve_app.http import build_http_app
-from serve_app.service import MAX_LOADED_VERSIONS
-from serve_app.store import ModelStore
-from serve_app.training import save_fitted
+from serve_app.serving.deployment import ModelServer
+from serve_app.serving.http.app import build_http_app
+from serve_app.serving.versions import MAX_LOADED_VERSIONS
+from serve_app.model.store import ModelStore
+from serve_app.model.training import save_fitted
 
 from .conftest import fit_dummy
 
@@ -43,13 +43,13 @@ class Replica:
     def __init__(self, store: ModelStore, monkeypatch: pytest.MonkeyPatch) -> None:
         self.server = replica_class()({"store": str(store.root), "model": "dummy", "monitoring": {"enabled": False}})
         self.disk_reads: list[str] = []
-        read = self.server.service.store.load_verified
+        read = self.server.versions.store.load_verified
 
         def counted(name: str, ref: str | int = "production", *rest: Any) -> Any:
             self.disk_reads.append(str(ref))
             return read(name, ref, *rest)
 
-        monkeypatch.setattr(self.server.service.store, "load_verified", counted)
+        monkeypatch.setattr(self.server.versions.store, "load_verified", counted)
         self.client = TestClient(build_http_app(self.server), raise_server_exceptions=False)
 
     def ask(self, version: str | None = None) -> str:
@@ -123,7 +123,6 @@ def test_canary_and_shadow_versions_are_never_evicted_either(replica: Replica) -
     }
 
 
-@pytest.mark.xfail(strict=True, reason="LRU protects the old routing: issue 14")
 def test_after_a_routing_switch_the_new_routed_versions_are_the_cached_ones(replica: Replica) -> None:
     replica.server.reconfigure(CANARY_AND_SHADOW_1_2_3)
     replica.server.reconfigure(CANARY_AND_SHADOW_4_5_6)
@@ -138,7 +137,6 @@ def test_after_a_routing_switch_the_new_routed_versions_are_the_cached_ones(repl
     assert replica.disk_reads == reads
 
 
-@pytest.mark.xfail(strict=True, reason="a version answered from the cache is not marked recently used")
 def test_a_version_in_use_is_not_the_next_evicted(replica: Replica) -> None:
     replica.server.reconfigure({"version": "1"})
     for version in ("2", "3", "4"):

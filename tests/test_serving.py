@@ -8,8 +8,8 @@ import httpx
 import numpy as np
 import pytest
 
-from serve_app import codec
-from serve_app.predictor import Predictor
+from serve_app.protocol import codec
+from serve_app.model.predictor import Predictor
 
 from .conftest import IRIS_ROWS, app_config, wait_for
 
@@ -152,7 +152,7 @@ def test_unknown_things_are_json_errors(served: dict[str, Any], method: str, pat
 def test_openapi_lists_every_route(served: dict[str, Any]) -> None:
     from starlette.routing import Route
 
-    from serve_app.http import build_http_app
+    from serve_app.serving.http.app import build_http_app
 
     document = httpx.get(f"{served['base_url']}/openapi.json").json()
     assert document["openapi"].startswith("3.")
@@ -193,10 +193,10 @@ def _replica_statuses(served: dict[str, Any]) -> list[dict[str, Any]]:
     """/admin/status of every RUNNING replica (by pid, as the controller lists them), asked
     over HTTP until each has answered: HAProxy spreads calls over the replicas, while a
     handle's router may send every one of a run of sequential calls to the same replica."""
-    from serve_app import ops
+    from serve_app.ops import control
 
     def running_pids() -> set[int] | None:
-        deployment = ops.details(served["cluster"].dashboard)["applications"]["serve_app"]["deployments"]["ModelServer"]
+        deployment = control.details(served["cluster"].dashboard)["applications"]["serve_app"]["deployments"]["ModelServer"]
         pids = {r["pid"] for r in deployment["replicas"] if r["state"] == "RUNNING"}
         # A replica being reconfigured (an earlier test's user_config) is UPDATING, not RUNNING.
         return pids if len(pids) == deployment["target_num_replicas"] else None

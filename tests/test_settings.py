@@ -14,8 +14,8 @@ import yaml
 from pydantic import ValidationError
 
 from serve_app.settings import STORE_ENV, AppSettings, RuntimeSettings
-from serve_app.store import ModelStore
-from serve_app.training import save_fitted
+from serve_app.model.store import ModelStore
+from serve_app.model.training import save_fitted
 
 from .conftest import fit_dummy
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from serve_app.errors import ModelLoadError, NotFound, StoreError
-from serve_app.manifest import MANIFEST_FILENAME, library_versions
-from serve_app.store import ALIASES_FILENAME, HISTORY_FILENAME, ModelStore
-from serve_app.training import save_fitted
+from serve_app.model.manifest import MANIFEST_FILENAME, library_versions
+from serve_app.model.store import ALIASES_FILENAME, HISTORY_FILENAME, ModelStore
+from serve_app.model.training import save_fitted
 
 from .conftest import fit_dummy
 

@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
-from serve_app import ops
-from serve_app.tune import Point, Setting, best_at_slo, default_setting, patched_yaml, with_setting
+from serve_app.ops import control
+from serve_app.ops.tune import Point, Setting, best_at_slo, default_setting, patched_yaml, with_setting
 
 from .conftest import app_config, env_for_own_ray, run_bounded
 from .readme import command_starting, record
@@ -40,7 +40,7 @@ def _point(setting: Setting, connections: int, req_s: float, p99: float, failed:
 
 
 def test_default_setting_reads_the_config() -> None:
-    assert default_setting(ops.load_config(LOCAL)) == Setting(2, 512, 256, 0.0)
+    assert default_setting(control.load_config(LOCAL)) == Setting(2, 512, 256, 0.0)
 
 
 def test_patched_yaml_keeps_the_comments_and_loads_as_the_setting(tmp_path: Path) -> None:
@@ -50,10 +50,10 @@ def test_patched_yaml_keeps_the_comments_and_loads_as_the_setting(tmp_path: Path
     assert "# one per core on a 2-core laptop" in text  # the original's own comments survive
     out = tmp_path / "tuned.yaml"
     out.write_text(text)
-    config = ops.load_config(out)
+    config = control.load_config(out)
     _validate(config)
-    assert config == with_setting(ops.load_config(LOCAL), chosen)
-    entry = ops.find_app(config)["deployments"][0]
+    assert config == with_setting(control.load_config(LOCAL), chosen)
+    entry = control.find_app(config)["deployments"][0]
     assert (entry["num_replicas"], entry["max_ongoing_requests"]) == (3, 128)
     assert entry["user_config"] == {"version": "production", "max_batch_size": 64, "batch_wait_timeout_s": 0.002}
 
@@ -110,23 +110,23 @@ def test_readme_tune_command_short_run(tmp_path: Path, ray_session: Any, session
     png = (out / "tune.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
-    config = ops.load_config(out / "tuned.yaml")
+    config = control.load_config(out / "tuned.yaml")
     _validate(config)
-    entry = ops.find_app(config)["deployments"][0]
+    entry = control.find_app(config)["deployments"][0]
     assert entry["num_replicas"] == recommended["replicas"]
     assert entry["max_ongoing_requests"] == recommended["max_ongoing"]
     assert entry["user_config"]["max_batch_size"] == recommended["max_batch_size"]
     assert entry["user_config"]["batch_wait_timeout_s"] == recommended["batch_wait_timeout_s"]
     assert "req/s at p99" in (out / "tuned.yaml").read_text().split("applications:")[0]  # figures as comments
 
-    from serve_app.processes import alive
+    from serve_app.ops.processes import alive
 
     started = [tuple(p) for p in report["deployment_processes"]]
     assert started and not [p for p in started if alive(p)]  # type: ignore[arg-type]
 
     # The tuned app deploys as written on the session's Ray; only what points at this
     # machine's files changes (the store, the prediction log) and the route, to share it.
-    app = ops.find_app(config)
+    app = control.find_app(config)
     app.update(name="tuned", route_prefix="/tuned")
     app["args"] = {**app["args"], "store": str(session_store.root)}
     app["args"]["monitoring"] = {**app["args"]["monitoring"], "log_dir": str(tmp_path / "predictions")}
@@ -137,7 +137,7 @@ def test_readme_tune_command_short_run(tmp_path: Path, ray_session: Any, session
         status = httpx.get(f"{ray_session.base_url}/tuned/admin/status", timeout=10).json()
         assert status["max_batch_size"] == recommended["max_batch_size"]
         assert status["batch_wait_timeout_s"] == recommended["batch_wait_timeout_s"]
-        deployment = ops.details(ray_session.dashboard)["applications"]["tuned"]["deployments"]["ModelServer"]
+        deployment = control.details(ray_session.dashboard)["applications"]["tuned"]["deployments"]["ModelServer"]
         assert deployment["deployment_config"]["num_replicas"] == recommended["replicas"]
     finally:
         ray_session.remove("tuned")
@@ -147,13 +147,13 @@ def test_readme_tune_command_short_run(tmp_path: Path, ray_session: Any, session
 @pytest.mark.scenario
 def test_tune_on_a_running_cluster_restores_its_config(tmp_path: Path, ray_session: Any, session_store: Any) -> None:
     """`--address`: the app it was pointed at gets its original config back afterwards."""
-    from serve_app.tune import TuneOptions, run
+    from serve_app.ops.tune import TuneOptions, run
 
     # Not the code's defaults (256, 0.0), which the sweep itself tries: only a restore puts these back.
     ray_session.apply(app_config(session_store, name="tune_target", route_prefix="/tune_target", num_replicas=1,
                                  user_config={"max_batch_size": 77, "batch_wait_timeout_s": 0.003}, monitoring={"enabled": False}))
     try:
-        before = ops.find_app(ops.deployed_config(ray_session.dashboard), "tune_target")
+        before = control.find_app(control.deployed_config(ray_session.dashboard), "tune_target")
         report = run(TuneOptions(
             config=LOCAL, slo_p99_ms=500, max_replicas=1, budget_s=20, out=tmp_path / "tune",
             address=ray_session.dashboard, app="tune_target", max_connections=4,
@@ -162,7 +162,7 @@ def test_tune_on_a_running_cluster_restores_its_config(tmp_path: Path, ray_sessi
         assert report["restored"].startswith("the original config was redeployed"), report["restored"]
         assert report["points"] and all(p["requests"] > 0 and p["failed"] == 0 for p in report["points"])
         assert len({p["setting"] for p in report["points"]}) >= 2  # something was changed, then put back
-        assert ops.find_app(ops.deployed_config(ray_session.dashboard), "tune_target") == before
+        assert control.find_app(control.deployed_config(ray_session.dashboard), "tune_target") == before
         status = httpx.get(f"{ray_session.base_url}/tune_target/admin/status", timeout=10).json()
         assert (status["max_batch_size"], status["batch_wait_timeout_s"]) == (77, 0.003)
     finally:

@@ -18,7 +18,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
-from serve_app.manifest import Manifest
+from serve_app.model.manifest import Manifest
 
 Status = Literal["ok", "warning", "drift", "insufficient_data"]
 _SEVERITY = {"ok": 0, "warning": 1, "drift": 2}

@@ -70,7 +70,7 @@ class _Bucket:
 
 class MonitorHub:
     def __init__(self, app: str, store: str, settings: Mapping[str, Any], *, emit_metrics: bool = True) -> None:
-        from serve_app.store import ModelStore
+        from serve_app.model.store import ModelStore
 
         self.app = app
         self.store = ModelStore(store)

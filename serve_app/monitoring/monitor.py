@@ -30,7 +30,7 @@ from serve_app.monitoring import metrics as m
 from serve_app.monitoring.drift import DriftReference, RowWindow, WindowCounts
 from serve_app.monitoring.hub import TRAFFIC_LATENCY_EDGES_MS, MonitorHub
 from serve_app.monitoring.predlog import PredictionLog, encode
-from serve_app.predictor import PREDICT, PREDICT_PROBA, Predictor
+from serve_app.model.predictor import PREDICT, PREDICT_PROBA, Predictor
 from serve_app.settings import MonitoringSettings
 
 logger = logging.getLogger("ray.serve")

@@ -28,10 +28,12 @@ from typing import Any, Sequence
 
 import yaml
 
-from serve_app import ops, processes
+from serve_app.ops import control
+
+from serve_app.ops import processes
 from serve_app.app import settings_from_args
 from serve_app.settings import DEFAULT_STORE, ConfigError
-from serve_app.store import ModelStore
+from serve_app.model.store import ModelStore
 
 DRAIN_TIMEOUT_S = 60.0
 FAILED_STOP_TIMEOUT_S = 15.0  # nothing serves: Ray gets this long to stop before it is ended
@@ -62,7 +64,7 @@ def ensure_models(config: dict[str, Any], log: Any = print) -> None:
     not exist, unless it is ./models (the project's own, which a fresh clone has not got):
     anywhere else a missing directory is a typo, and training into it would serve iris in
     place of the model the config meant."""
-    from serve_app.training import train
+    from serve_app.model.training import train
 
     for args in serve_app_args(config):
         settings = settings_from_args(args)
@@ -102,7 +104,7 @@ def wait_until_serving(url: str, proc: subprocess.Popen[bytes], timeout_s: float
 
 
 class Watch:
-    """The run's applications as the Ray dashboard reports them (ops.failure/progress/unhealthy).
+    """The run's applications as the Ray dashboard reports them (control.failure/progress/unhealthy).
 
     While they deploy, a status line each time it changes. (Not one line rewritten in place
     on a terminal: Ray's own log lines, which the child writes to the same terminal, would
@@ -130,11 +132,11 @@ class Watch:
 
             maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
         try:
-            return ops.details(self.dashboard)
+            return control.details(self.dashboard)
         except Exception:  # the dashboard is not up yet (or Ray is stopping)
             return None
 
-    def deploying(self) -> ops.Failure | None:
+    def deploying(self) -> control.Failure | None:
         """One look while the apps deploy: shows progress, returns a failure that is final."""
         details = self._details()
         if details is None:
@@ -143,14 +145,14 @@ class Watch:
         lines = []
         for name in self.apps:
             app = (details.get("applications") or {}).get(name)
-            problem = ops.failure(name, app) if app else None
+            problem = control.failure(name, app) if app else None
             if problem is not None and problem.final:
                 return problem
             if problem is not None and (name, problem.reason) not in self.retrying:
                 self.retrying.add((name, problem.reason))
                 self.say(f"serve-app: {problem.summary.replace('cannot start', 'is not starting yet')} "
                          f"(Ray retries it): {problem.reason}")
-            lines.append(f"{name} {ops.progress(app)}")
+            lines.append(f"{name} {control.progress(app)}")
         self.show("; ".join(lines))
         return None
 
@@ -163,7 +165,7 @@ class Watch:
         running: set[int] = set()
         for name in self.apps:
             app = (details.get("applications") or {}).get(name) or {}
-            for deployment, message in ops.unhealthy(app).items():
+            for deployment, message in control.unhealthy(app).items():
                 now[(name, deployment)] = message
             for deployment in (app.get("deployments") or {}).values():
                 running |= {r["pid"] for r in deployment.get("replicas") or [] if r.get("state") == "RUNNING" and r.get("pid")}
@@ -198,7 +200,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def report_failure(problem: ops.Failure, config_path: Path, config: dict[str, Any]) -> None:
+def report_failure(problem: control.Failure, config_path: Path, config: dict[str, Any]) -> None:
     lines = [f"serve-app: error: {problem.summary}:"]
     lines += [f"serve-app:   {line}" for line in problem.reason.splitlines()]
     if problem.hint:
@@ -230,7 +232,7 @@ def choose_dashboard_port(wanted: int | None) -> int:
 
 def run(config_path: Path, *, fast_path: bool = True, dashboard_port: int | None = None) -> int:
     config = read_config(config_path)
-    ops.check_config(config, str(config_path))
+    control.check_config(config, str(config_path))
     http = config.get("http_options") or {}
     host, port = http.get("host", "127.0.0.1"), int(http.get("port", 8000))
     if not processes.port_is_free(port, host if host not in ("0.0.0.0", "::") else "127.0.0.1"):
@@ -246,7 +248,7 @@ def run(config_path: Path, *, fast_path: bool = True, dashboard_port: int | None
     if fast_path:
         env.update(processes.FAST_PATH_ENV)
         env.update(processes.haproxy_env(state_dir))
-    command = [sys.executable, "-m", "serve_app.launcher", "--dashboard-port", str(dashboard_port), str(config_path)]
+    command = [sys.executable, "-m", "serve_app.ops.launcher", "--dashboard-port", str(dashboard_port), str(config_path)]
     print(f"serve-app: serve run {config_path} on a new local Ray, dashboard {dashboard}"
           + (" (HAProxy ingress, throughput-optimized)" if fast_path else ""), flush=True)
     # Own session: the terminal's Ctrl-C reaches only us, and we pass it on once. The child
@@ -265,7 +267,7 @@ def run(config_path: Path, *, fast_path: bool = True, dashboard_port: int | None
     seen: set[processes.Process] = set()
     url = f"http://127.0.0.1:{port}/v2/health/ready"
     watch = Watch([str(app.get("name", "default")) for app in config["applications"]], dashboard)
-    failed: ops.Failure | None = None
+    failed: control.Failure | None = None
     announced = died_early = False
     try:
         next_look = 0.0
@@ -349,7 +351,7 @@ def serve_run(config_path: str, dashboard_port: int) -> int:
 
 
 def _main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serve_app.launcher", description=serve_run.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m serve_app.ops.launcher", description=serve_run.__doc__)
     parser.add_argument("--dashboard-port", type=int, required=True)
     parser.add_argument("config")
     args = parser.parse_args(argv)

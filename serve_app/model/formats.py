@@ -1,7 +1,7 @@
 """Writing and reading model files, in the safe skops format or in joblib (pickle).
 
 Reading is the second line of defence: the store reads a version's bytes once, checks its
-publisher's signature over them (serve_app/signing.py), and hands those same bytes here.
+publisher's signature over them (serve_app/model/signing.py), and hands those same bytes here.
 Whatever the signature says, a model file may only rebuild objects of the exact classes in
 `ALLOWED_CLASSES` (`module.qualname`, no prefixes, no functions, no dotted names):
 
@@ -30,7 +30,7 @@ ModelFormat = Literal["skops", "joblib"]
 FORMATS: tuple[ModelFormat, ...] = ("skops", "joblib")
 
 # The classes a model file may rebuild, reviewed one by one: the estimators
-# serve_app/training.py trains and what they contain, the small estimators the tests use,
+# serve_app/model/training.py trains and what they contain, the small estimators the tests use,
 # and numpy's arrays. Adding one is a code review, never something a file can ask for.
 ALLOWED_CLASSES = frozenset(
     {
@@ -165,7 +165,7 @@ def _skops_tree(data: bytes, where: str) -> Any:
     if refused:
         raise UnsafeArtefact(
             f"{where} contains types outside the allow-list ({', '.join(refused)}); "
-            "only the reviewed scikit-learn and numpy classes in serve_app/artefacts.py are loaded"
+            "only the reviewed scikit-learn and numpy classes in serve_app/model/formats.py are loaded"
         )
     try:
         audit_tree(tree, trusted=trusted)  # skops's own check, with the same fixed list

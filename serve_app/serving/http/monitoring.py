@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
-from serve_app import codec
+from serve_app.protocol import codec
 from serve_app.errors import InvalidInput, NotFound
 from serve_app.monitoring.monitor import Monitor
 
@@ -91,7 +91,7 @@ def monitoring_routes(backend: Any, endpoint: Callable[[Handler], Handler], read
     def monitor_of(request: Request) -> Monitor:
         name = request.path_params.get("name")
         if name is not None:
-            backend.service.predictor(None, name)  # an unknown model is a 404
+            backend.versions.check_model(name)  # an unknown model is a 404
         monitor: Monitor | None = getattr(backend, "monitor", None)
         if monitor is None or monitor.hub is None:
             raise NotFound("monitoring is disabled in this application's config (args.monitoring.enabled)")
@@ -111,15 +111,15 @@ def monitoring_routes(backend: Any, endpoint: Callable[[Handler], Handler], read
 
     async def drift(request: Request) -> Response:
         monitor = monitor_of(request)
-        return codec_response(await from_hub(monitor, "drift", backend.service.name))
+        return codec_response(await from_hub(monitor, "drift", backend.versions.name))
 
     async def accuracy(request: Request) -> Response:
         monitor = monitor_of(request)
-        return codec_response(await from_hub(monitor, "accuracy", backend.service.name))
+        return codec_response(await from_hub(monitor, "accuracy", backend.versions.name))
 
     async def summary_of(request: Request) -> dict[str, Any]:
         monitor = monitor_of(request)
-        summary: dict[str, Any] = await from_hub(monitor, "summary", backend.service.name)
+        summary: dict[str, Any] = await from_hub(monitor, "summary", backend.versions.name)
         summary["replica"] = {"id": monitor.replica, **monitor.stats()}
         return summary
 
@@ -127,7 +127,7 @@ def monitoring_routes(backend: Any, endpoint: Callable[[Handler], Handler], read
         return codec_response(await summary_of(request))
 
     async def dashboard(request: Request) -> Response:
-        from serve_app.report import render_html
+        from serve_app.ops.report import render_html
 
         summary = await summary_of(request)
         page = await asyncio.to_thread(render_html, summary, str(request.base_url).rstrip("/"))

@@ -24,9 +24,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from serve_app import codec
+from serve_app.protocol import codec
 from serve_app.errors import InvalidInput, PayloadTooLarge, ServeAppError, UnsupportedMediaType
-from serve_app.predictor import PREDICT
+from serve_app.model.predictor import PREDICT
 
 NDJSON = "application/x-ndjson"
 _ACCEPTED_TYPES = (NDJSON, "application/jsonl", "application/json", "text/plain", "application/x-www-form-urlencoded")
@@ -106,7 +106,7 @@ async def predict_lines(backend: Any, predictor: Any, lines: list[bytes], first_
         except ServeAppError as exc:
             answers[index] = {"error": exc.message, "line": first_line + index}
     if rows:
-        result = await backend.infer(np.concatenate(rows), (PREDICT,), predictor.version, predictor.name)
+        result = await backend.infer(predictor, np.concatenate(rows), (PREDICT,))
         for index, label in zip(where, result.outputs[PREDICT].tolist()):
             answers[index] = {"prediction": label}
     return b"".join(a if isinstance(a, bytes) else codec.dumps(a) + b"\n" for a in answers)
@@ -132,7 +132,7 @@ def stream_route(backend: Any) -> Any:
 
     async def predict_stream(request: Request) -> Any:
         check_content_type(request.headers.get("content-type"))
-        predictor = backend.service.predictor(request.headers.get("x-model-version"))
+        predictor = await backend.versions.resolve(request.headers.get("x-model-version"))
         headers = {"x-model-name": predictor.name, "x-model-version": predictor.version}
         body = stream_predictions(request, backend, predictor, backend.settings.max_body_bytes)
         return DuplexStreamingResponse(body, media_type=NDJSON, headers=headers)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from serve_app.monitoring.routes import openapi_paths as monitoring_openapi_paths
+from serve_app.serving.http.monitoring import openapi_paths as monitoring_openapi_paths
 
 NUMBER_ROWS = {"type": "array", "minItems": 1, "items": {"type": "array", "minItems": 1, "items": {"type": "number"}}}
 LABEL = {"oneOf": [{"type": "number"}, {"type": "string"}]}

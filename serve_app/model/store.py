@@ -31,12 +31,15 @@ import stat
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from serve_app import artefacts, signing
-from serve_app.artefacts import ModelFormat
+from serve_app.model import formats
+
+from serve_app.model import signing
+from serve_app.model.formats import ModelFormat
 from serve_app.errors import ModelLoadError, NotFound, StoreError
-from serve_app.manifest import MANIFEST_FILENAME, MODEL_FILENAMES, Manifest, sha256_of
+from serve_app.model.manifest import MANIFEST_FILENAME, MODEL_FILENAMES, Manifest, sha256_of
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 ALIAS_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
@@ -82,6 +85,38 @@ def _write_bytes_atomically(path: Path, data: bytes, mode: int | None = None) ->
 
 def _write_json_atomically(path: Path, payload: Any) -> None:
     _write_bytes_atomically(path, _json_bytes(payload))
+
+
+def check_ref_length(ref: str) -> None:
+    if len(ref) > MAX_REF_LENGTH:
+        raise NotFound(f"no version or alias of {len(ref)} characters; they have at most {MAX_REF_LENGTH}")
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """One model's versions and aliases as read from the store at one moment."""
+
+    name: str
+    versions: tuple[str, ...]
+    aliases: Mapping[str, str]
+    other_models: tuple[str, ...] = ()  # what the store holds instead, when it has no `name`
+
+    def resolve(self, ref: str) -> str:
+        """The version a version number or alias names; NotFound (with what exists) if none."""
+        check_ref_length(ref)
+        if not self.versions:
+            raise NotFound(f"no model named {self.name!r} in the store (models: {', '.join(self.other_models) or 'none'})")
+        if is_version(ref):
+            version = str(int(ref))
+            if version not in self.versions:
+                raise NotFound(f"model {self.name!r} has no version {ref} (versions: {', '.join(self.versions)})")
+            return version
+        if ref not in self.aliases:
+            raise NotFound(
+                f"model {self.name!r} has no alias {ref!r} (aliases: {', '.join(sorted(self.aliases)) or 'none'}); "
+                f"set one with: serve-app models promote {self.name} <version> --alias {ref}"
+            )
+        return self.aliases[ref]
 
 
 class ModelStore:
@@ -197,27 +232,16 @@ class ModelStore:
             aliases[LATEST] = versions[-1]
         return aliases
 
+    def catalog(self, name: str) -> "Catalog":
+        """`name`'s versions and aliases as read now: a replica resolves against this in memory."""
+        versions = self.versions(name)
+        return Catalog(name, tuple(versions), self.aliases(name) if versions else {}, tuple(self.names()) if not versions else ())
+
     def resolve(self, name: str, ref: str | int = DEFAULT_ALIAS) -> str:
         """The version a version number or alias names; NotFound if there is none."""
         ref = str(ref)
-        if len(ref) > MAX_REF_LENGTH:
-            raise NotFound(f"no version or alias of {len(ref)} characters; they have at most {MAX_REF_LENGTH}")
-        versions = self.versions(name)
-        if not versions:
-            known = ", ".join(self.names()) or "none"
-            raise NotFound(f"no model named {name!r} in the store (models: {known})")
-        if is_version(ref):
-            version = str(int(ref))
-            if version not in versions:
-                raise NotFound(f"model {name!r} has no version {ref} (versions: {', '.join(versions)})")
-            return version
-        aliases = self.aliases(name)
-        if ref not in aliases:
-            raise NotFound(
-                f"model {name!r} has no alias {ref!r} (aliases: {', '.join(sorted(aliases)) or 'none'}); "
-                f"set one with: serve-app models promote {name} <version> --alias {ref}"
-            )
-        return aliases[ref]
+        check_ref_length(ref)
+        return self.catalog(name).resolve(ref)
 
     def manifest(self, name: str, ref: str | int = DEFAULT_ALIAS) -> Manifest:
         """The manifest of a version, for listing and checks (`load_verified` verifies it too)."""
@@ -298,7 +322,7 @@ class ModelStore:
         self._check_hash(name, version, manifest.model_file, data, manifest.sha256)
         if check is not None:
             check(manifest)
-        return artefacts.loads(data, manifest.format, f"{name}/{version}/{manifest.model_file}"), manifest
+        return formats.loads(data, manifest.format, f"{name}/{version}/{manifest.model_file}"), manifest
 
     @staticmethod
     def _check_hash(name: str, version: str, file: str, data: bytes, expected: str) -> None:
@@ -325,7 +349,7 @@ class ModelStore:
         self.model_path(manifest)
         files = self._read_version(name, version, [MANIFEST_FILENAME, manifest.model_file])
         self._check_hash(name, version, manifest.model_file, files[manifest.model_file], manifest.sha256)
-        artefacts.check(files[manifest.model_file], manifest.format, f"{name}/{version}/{manifest.model_file}")
+        formats.check(files[manifest.model_file], manifest.format, f"{name}/{version}/{manifest.model_file}")
         self._write_signature(name, version, files, key)
         return version
 
@@ -373,7 +397,7 @@ class ModelStore:
         try:
             model_file = MODEL_FILENAMES[fmt]
             path = directory / model_file
-            artefacts.dump(model, path, fmt)
+            formats.dump(model, path, fmt)
             manifest = Manifest(
                 **{
                     **manifest_fields,

@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 
 import httpx
 
-from serve_app import ops
+from serve_app.ops import control
 
 
 class RolloutRefused(RuntimeError):
@@ -25,7 +25,7 @@ class RolloutRefused(RuntimeError):
 @dataclass(frozen=True)
 class Target:
     address: str | None = None  # the Ray dashboard, as for `serve deploy -a`
-    app: str = ops.APP_NAME
+    app: str = control.APP_NAME
     url: str | None = None  # the app's HTTP base URL; found from the cluster if None
 
 
@@ -47,7 +47,7 @@ _LIVE_STATES = frozenset({"STARTING", "UPDATING", "RECOVERING", "RUNNING", "PEND
 def _replica_states(details: Mapping[str, Any], app: str) -> dict[int | None, str]:
     """pid -> state of every replica that is or may soon be serving."""
     deployments = details.get("applications", {}).get(app, {}).get("deployments", {})
-    replicas = deployments.get(ops.DEPLOYMENT_NAME, {}).get("replicas", [])
+    replicas = deployments.get(control.DEPLOYMENT_NAME, {}).get("replicas", [])
     return {r.get("pid"): r.get("state") for r in replicas if r.get("state") in _LIVE_STATES}
 
 
@@ -60,16 +60,16 @@ def _all_switched(states: Mapping[int | None, str], seen: Mapping[int, Mapping[s
 
 
 def current_user_config(target: Target) -> dict[str, Any]:
-    config = ops.deployed_config(target.address)
-    app = ops.find_app(config, target.app)
+    config = control.deployed_config(target.address)
+    app = control.find_app(config, target.app)
     for deployment in app.get("deployments", []):
-        if deployment.get("name") == ops.DEPLOYMENT_NAME:
+        if deployment.get("name") == control.DEPLOYMENT_NAME:
             return dict(deployment.get("user_config") or {})
     return {}
 
 
 def model_name(target: Target) -> str:
-    app = ops.find_app(ops.deployed_config(target.address), target.app)
+    app = control.find_app(control.deployed_config(target.address), target.app)
     return str((app.get("args") or {}).get("model", "iris"))
 
 
@@ -81,13 +81,13 @@ def apply(
 ) -> dict[str, Any]:
     """Redeploys the running config with `updates` to the user_config and waits until every
     replica's routing satisfies `expect`; returns the last status seen per replica."""
-    config = ops.with_user_config(ops.deployed_config(target.address), updates, target.app)
-    ops.deploy(config, target.address)
+    config = control.with_user_config(control.deployed_config(target.address), updates, target.app)
+    control.deploy(config, target.address)
     deadline = time.monotonic() + timeout_s
     seen: dict[int, dict[str, Any]] = {}
     with httpx.Client(timeout=5) as client:
         while time.monotonic() < deadline:
-            details = ops.details(target.address)
+            details = control.details(target.address)
             base = _http_base(details, target)
             try:
                 status = client.get(f"{base}/admin/status").json()

@@ -37,10 +37,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import orjson
 
-from serve_app import codec, processes
-from serve_app.loadgen import LoadResult, run_load, wrk_path
+from serve_app.protocol import codec
 
-REPO = Path(__file__).resolve().parent.parent
+from serve_app.ops import processes
+from serve_app.ops.loadgen import LoadResult, run_load, wrk_path
+
+REPO = Path(__file__).resolve().parents[2]
 BENCHMARKS = REPO / "benchmarks"
 SERVERS = ("flask", "starlette", "serve_app")
 APP_NAME = "serve_app"
@@ -218,17 +220,17 @@ class RayDeployment:
         self.base_url = f"http://127.0.0.1:{self.http_port}"
 
     def _config(self, config_path: Path, store_root: Path) -> dict[str, Any]:
-        from serve_app import ops
+        from serve_app.ops import control
 
-        config = copy.deepcopy(ops.load_config(config_path))
+        config = copy.deepcopy(control.load_config(config_path))
         config["http_options"] = {**(config.get("http_options") or {}), "host": "127.0.0.1", "port": self.http_port}
-        app = ops.find_app(config, APP_NAME)
+        app = control.find_app(config, APP_NAME)
         app["args"] = {**(app.get("args") or {}), "store": str(store_root), "model": MODEL_NAME}
         monitoring = app["args"].get("monitoring")
         if isinstance(monitoring, dict) and monitoring.get("log_dir"):
             # The prediction log stays on (it is part of what is measured) but not in the repo.
             app["args"]["monitoring"] = {**monitoring, "log_dir": str(self.work_dir / "predictions")}
-        ops.check_config(config, str(config_path))  # before Ray starts: a typo is said at once
+        control.check_config(config, str(config_path))  # before Ray starts: a typo is said at once
         return config
 
     def environment(self) -> dict[str, str]:
@@ -297,18 +299,18 @@ class RayDeployment:
         import ray
 
         ray.init(address=f"127.0.0.1:{self.gcs_port}", log_to_driver=False, logging_level="ERROR")
-        from serve_app import ops
+        from serve_app.ops import control
 
         deadline = time.monotonic() + 120
         while True:  # the dashboard's REST API comes up a little after the GCS
             try:
-                ops.deploy(self.config, self.dashboard)
+                control.deploy(self.config, self.dashboard)
                 break
             except Exception:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(1)
-        ops.wait_until_running(APP_NAME, self.dashboard, timeout_s=START_TIMEOUT_S)
+        control.wait_until_running(APP_NAME, self.dashboard, timeout_s=START_TIMEOUT_S)
         self._remember()
 
     def _remember(self) -> None:
@@ -700,9 +702,9 @@ def run(options: BenchOptions) -> dict[str, Any]:
     ended: list[processes.Process] = []
     port = 0
     try:
-        from serve_app.predictor import Predictor
-        from serve_app.store import ModelStore
-        from serve_app.training import train
+        from serve_app.model.predictor import Predictor
+        from serve_app.model.store import ModelStore
+        from serve_app.model.training import train
 
         log(f"training {MODEL_NAME} into a temporary store {work_dir / 'models'}")
         store = ModelStore(work_dir / "models")

@@ -22,12 +22,12 @@ import numpy as np
 from ray import serve
 
 from serve_app.errors import ServeAppError
-from serve_app.microbatch import BATCHERS
+from serve_app.serving.batching import BATCHERS
 from serve_app.monitoring import replica_monitor
-from serve_app.predictor import PREDICT, PREDICT_PROBA, Predictor
-from serve_app.service import ModelService
+from serve_app.model.predictor import PREDICT, PREDICT_PROBA, Predictor
+from serve_app.serving.versions import ModelVersions
 from serve_app.settings import AppSettings, RuntimeSettings, runtime_settings
-from serve_app.traffic import TrafficLedger
+from serve_app.serving.ledger import TrafficLedger
 
 logger = logging.getLogger("ray.serve")
 
@@ -81,26 +81,26 @@ class ModelServer:
 
     def __init__(self, settings: Mapping[str, Any] | AppSettings) -> None:
         self.settings = AppSettings.model_validate(settings)
-        self.service = ModelService(self.settings)
+        self.versions = ModelVersions(self.settings)
         self.runtime = RuntimeSettings()
         self.traffic = TrafficLedger()
         self.last_reconfigure_error: str | None = None
         self.batches = {"batches": 0, "requests": 0}  # how well requests are grouped (status)
         self.monitor = replica_monitor(self.settings)  # None when args.monitoring.enabled is false
         # MicroBatcher by default, not @serve.batch: that cost 300-900 µs a request here
-        # (see serve_app/microbatch.py); `user_config.batcher: serve` selects it.
+        # (see serve_app/serving/batching.py); `user_config.batcher: serve` selects it.
         self._batcher: Any = self._new_batcher(self.runtime)
 
     def reconfigure(self, user_config: Mapping[str, Any]) -> None:
         runtime = runtime_settings(user_config)  # ConfigError naming the bad key, not pydantic's traceback
         try:
-            self.service.configure(runtime)
+            self.versions.configure(runtime)
         except ServeAppError as exc:
-            if self.service.routing is None:
+            if self.versions.routing is None:
                 raise  # nothing to fall back to: the replica must not start
             # A bad version pushed to a running replica: keep serving what it serves now.
             self.last_reconfigure_error = f"user_config {runtime.model_dump(exclude_defaults=True)} refused: {exc.message}"
-            logger.error("%s; still serving %s", self.last_reconfigure_error, self.service.routing.describe())
+            logger.error("%s; still serving %s", self.last_reconfigure_error, self.versions.routing.describe())
             runtime = runtime.model_copy(update={"version": self.runtime.version, "canary": self.runtime.canary, "shadow": self.runtime.shadow})
         else:
             self.last_reconfigure_error = None
@@ -116,7 +116,9 @@ class ModelServer:
         )
 
     def check_health(self) -> None:
-        self.service.default.check_health()
+        # Ray Serve runs a sync check_health in a worker thread: the disk read is off the loop.
+        self.versions.refresh_catalog_if_stale()
+        self.versions.default.check_health()
 
     def _predict_batch(self, items: Sequence[_BatchItem]) -> list[dict[str, np.ndarray]]:
         self.batches["batches"] += 1
@@ -142,20 +144,9 @@ class ModelServer:
         self.monitor.observe_batch(predictor, _rows_in(items), time.perf_counter() - started)
         return results
 
-    async def infer(
-        self,
-        rows: Any,
-        outputs: Sequence[str] = (PREDICT,),
-        version: str | None = None,
-        model: str | None = None,
-        route_key: str | None = None,
-    ) -> InferenceResult:
-        """Validates `rows` and predicts them in a batch with other concurrent requests.
-
-        With no `version`, the default answers, or the canary for its share of requests
-        (the same `route_key` always gets the same side).
-        """
-        predictor = self.service.predictor(version, model, route_key)
+    async def infer(self, predictor: Predictor, rows: Any, outputs: Sequence[str] = (PREDICT,)) -> InferenceResult:
+        """Validates `rows` and predicts them with `predictor` (from `versions.resolve`), in a
+        batch with other concurrent requests."""
         started = time.perf_counter()
         try:
             outputs = tuple(outputs)
@@ -176,7 +167,7 @@ class ModelServer:
         self.traffic.answered(predictor.version, len(array), time.perf_counter() - started)
         if self.monitor is not None:
             self.monitor.observe(predictor, array, result, time.perf_counter() - started)
-        routing = self.service.routing
+        routing = self.versions.routing
         if routing is not None and routing.shadow is not None and predictor is routing.default and PREDICT in result:
             if random.random() < routing.shadow_fraction:
                 # After the answer is on its way: the shadow never delays or changes it.
@@ -192,17 +183,17 @@ class ModelServer:
         self.traffic.compared(shadow.version, served, shadowed)
 
     async def predict(self, rows: Any, version: str | None = None) -> np.ndarray:
-        return (await self.infer(rows, (PREDICT,), version)).outputs[PREDICT]
+        return (await self.infer(await self.versions.resolve(version), rows, (PREDICT,))).outputs[PREDICT]
 
     async def predict_proba(self, rows: Any, version: str | None = None) -> np.ndarray:
-        return (await self.infer(rows, (PREDICT_PROBA,), version)).outputs[PREDICT_PROBA]
+        return (await self.infer(await self.versions.resolve(version), rows, (PREDICT_PROBA,))).outputs[PREDICT_PROBA]
 
     async def predict_stream(
         self, rows: Any, chunk_rows: int = 1024, version: str | None = None
     ) -> AsyncIterator[np.ndarray]:
         """Predictions for many rows, chunk by chunk as they are computed, for
         `handle.options(stream=True).predict_stream.remote(rows)`; for an input that is
-        itself a stream, see `serve_app.streaming.predict_iter`."""
+        itself a stream, see `serve_app.serving.http.streaming.predict_iter`."""
         array = np.asarray(rows)
         for start in range(0, len(array), chunk_rows):
             yield await self.predict(array[start : start + chunk_rows], version)
@@ -211,12 +202,12 @@ class ModelServer:
         """What this replica serves right now (for operators and tests)."""
         return {
             "pid": os.getpid(),
-            "model": self.service.name,
-            "version": self.service.default.version,
-            "routing": self.service.routing.describe() if self.service.routing else None,
+            "model": self.versions.name,
+            "version": self.versions.default.version,
+            "routing": self.versions.routing.describe() if self.versions.routing else None,
             "traffic": self.traffic.as_dict(),
             "requested_version": self.runtime.version,
-            "loaded_versions": self.service.loaded_versions(),
+            "loaded_versions": self.versions.loaded_versions(),
             "max_batch_size": self.runtime.max_batch_size,
             "batch_wait_timeout_s": self.runtime.batch_wait_timeout_s,
             "batcher": self.runtime.batcher,
@@ -233,6 +224,6 @@ class ModelServer:
             monitor.close()
 
     def __serve_build_asgi_app__(self) -> Any:
-        from serve_app.http import build_http_app
+        from serve_app.serving.http.app import build_http_app
 
         return build_http_app(self)

@@ -39,13 +39,13 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 import httpx
 import yaml
 
-from serve_app import ops
-from serve_app.loadgen import run_load, wrk_path
+from serve_app.ops import control
+from serve_app.ops.loadgen import run_load, wrk_path
 
 if TYPE_CHECKING:
-    from serve_app.bench import Progress
+    from serve_app.ops.bench import Progress
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SETTLE_TIMEOUT_S = 180.0  # a redeploy on a busy 2-core machine has taken a minute
 FULL_LADDER = (1, 4, 16, 32, 64, 128)
 SHORT_LADDER = (4, 16, 64)  # tiny budgets: fewer, wider steps
@@ -77,15 +77,15 @@ class Setting:
 
 
 def _deployment(config: Mapping[str, Any], app: str) -> dict[str, Any]:
-    for entry in ops.find_app(config, app).get("deployments") or []:
-        if entry.get("name") == ops.DEPLOYMENT_NAME:
+    for entry in control.find_app(config, app).get("deployments") or []:
+        if entry.get("name") == control.DEPLOYMENT_NAME:
             return entry  # type: ignore[no-any-return]
     return {}
 
 
-def default_setting(config: Mapping[str, Any], app: str = ops.APP_NAME) -> Setting:
+def default_setting(config: Mapping[str, Any], app: str = control.APP_NAME) -> Setting:
     """The settings `config` deploys, with the code's defaults for what it leaves out."""
-    from serve_app.deployment import ModelServer
+    from serve_app.serving.deployment import ModelServer
     from serve_app.settings import RuntimeSettings
 
     entry = _deployment(config, app)
@@ -99,9 +99,9 @@ def default_setting(config: Mapping[str, Any], app: str = ops.APP_NAME) -> Setti
     )
 
 
-def with_setting(config: Mapping[str, Any], setting: Setting, app: str = ops.APP_NAME) -> dict[str, Any]:
+def with_setting(config: Mapping[str, Any], setting: Setting, app: str = control.APP_NAME) -> dict[str, Any]:
     """A copy of `config` that deploys `setting` (other apps and keys untouched)."""
-    result = ops.with_user_config(
+    result = control.with_user_config(
         config, {"max_batch_size": setting.max_batch_size, "batch_wait_timeout_s": setting.batch_wait_timeout_s}, app
     )
     entry = _deployment(result, app)
@@ -149,7 +149,7 @@ class Deployed:
     def apply(self, config: Mapping[str, Any], want: Setting, timeout_s: float = SETTLE_TIMEOUT_S) -> float:
         """Deploys `config` and waits until it serves `want`; returns the seconds it took."""
         started = time.monotonic()
-        ops.deploy(config, self.dashboard)
+        control.deploy(config, self.dashboard)
         self.settle(want, timeout_s)
         self.current = want
         return time.monotonic() - started
@@ -161,13 +161,13 @@ class Deployed:
         last = "no status yet"
         with httpx.Client(timeout=5) as client:
             while time.monotonic() < deadline:
-                app = ops.details(self.dashboard).get("applications", {}).get(self.app, {})
-                deployment = app.get("deployments", {}).get(ops.DEPLOYMENT_NAME, {})
+                app = control.details(self.dashboard).get("applications", {}).get(self.app, {})
+                deployment = app.get("deployments", {}).get(control.DEPLOYMENT_NAME, {})
                 replicas = deployment.get("replicas", [])
                 declared = deployment.get("deployment_config", {})
-                problem = ops.failure(self.app, app)
+                problem = control.failure(self.app, app)
                 if problem is not None and problem.final:
-                    raise ops.DeployFailed(problem)
+                    raise control.DeployFailed(problem)
                 running = {r.get("pid") for r in replicas if r.get("state") == "RUNNING"}
                 ready = (app.get("status") == "RUNNING" and len(replicas) == want.replicas == len(running)
                          and declared.get("num_replicas") == want.replicas
@@ -363,13 +363,13 @@ def _values(setting: Setting) -> dict[str, Any]:
     return dict(zip(_KEYS, (setting.replicas, setting.max_ongoing, setting.max_batch_size, setting.batch_wait_timeout_s)))
 
 
-def patched_yaml(config_path: Path, setting: Setting, header: Sequence[str], app: str = ops.APP_NAME,
+def patched_yaml(config_path: Path, setting: Setting, header: Sequence[str], app: str = control.APP_NAME,
                  base: Mapping[str, Any] | None = None) -> str:
     """`config_path` with `setting` applied: its own text and comments where each key occurs
     once, else a plain dump; either way checked to load as exactly the wanted config.
     With `base` (a running cluster's config), that config with `setting`, dumped."""
     text = config_path.read_text() if base is None else ""
-    wanted = with_setting(base if base is not None else ops.load_config(config_path), setting, app)
+    wanted = with_setting(base if base is not None else control.load_config(config_path), setting, app)
     patched = text
     for key, value in _values(setting).items():
         pattern = re.compile(rf"^(\s*{key}:\s*)([^#\n]*?)(\s*#.*)?$", re.MULTILINE)
@@ -459,7 +459,7 @@ class TuneOptions:
     out: Path = Path("tune-results")
     address: str | None = None  # an existing cluster's dashboard: tune its app, then restore it
     url: str | None = None  # that app's HTTP base URL (default: from its http_options)
-    app: str = ops.APP_NAME
+    app: str = control.APP_NAME
     max_connections: int = 64
     generator: str = "auto"
 
@@ -491,7 +491,7 @@ def _plan(default: Setting, options: TuneOptions) -> Iterator[tuple[str, Setting
 
 
 def run(options: TuneOptions) -> dict[str, Any]:
-    from serve_app.bench import MODEL_NAME, Progress, RayDeployment, _machine
+    from serve_app.ops.bench import MODEL_NAME, Progress, RayDeployment, _machine
 
     log = Progress("tune")
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
@@ -513,15 +513,15 @@ def run(options: TuneOptions) -> dict[str, Any]:
     try:
         if options.address:
             log(f"tuning app {options.app!r} on the running cluster at {options.address}")
-            original = ops.deployed_config(options.address)
-            from serve_app.rollout import Target, _http_base
+            original = control.deployed_config(options.address)
+            from serve_app.ops.rollout import Target, _http_base
 
-            url = options.url or _http_base(ops.details(options.address), Target(options.address, options.app))
+            url = options.url or _http_base(control.details(options.address), Target(options.address, options.app))
             target = Deployed(copy.deepcopy(original), options.address, url, options.app)
         else:
-            from serve_app.predictor import Predictor
-            from serve_app.store import ModelStore
-            from serve_app.training import train
+            from serve_app.model.predictor import Predictor
+            from serve_app.model.store import ModelStore
+            from serve_app.model.training import train
 
             started.work_dir = Path(tempfile.mkdtemp(prefix="sa-tune-", dir="/tmp"))
             store = ModelStore(started.work_dir / "models")
@@ -570,8 +570,8 @@ def run(options: TuneOptions) -> dict[str, Any]:
         if options.address and original is not None:
             try:
                 log("restoring the cluster's original config")
-                ops.deploy(original, options.address)
-                ops.wait_until_running(options.app, options.address, timeout_s=SETTLE_TIMEOUT_S)
+                control.deploy(original, options.address)
+                control.wait_until_running(options.app, options.address, timeout_s=SETTLE_TIMEOUT_S)
                 restored = "the original config was redeployed and is RUNNING"
                 log.done(restored)
             except BaseException as exc:  # noqa: BLE001 - said, not swallowed: the operator must know
@@ -655,7 +655,7 @@ def _confirm(sweep: Sweep, default: Setting, measured: Sequence[Setting], option
         # (store, log dir) put in, as the private deployment had them from the start.
         config = yaml.safe_load(patched_yaml(options.config, chosen, [], options.app))
         config["http_options"] = sweep.target.base_config["http_options"]
-        ops.find_app(config, options.app)["args"] = ops.find_app(sweep.target.base_config, options.app)["args"]
+        control.find_app(config, options.app)["args"] = control.find_app(sweep.target.base_config, options.app)["args"]
     sweep.log(f"confirming: {chosen.label} (deployed from tuned.yaml), then the default, back to back")
     for phase, setting, cfg in (("confirm-recommended", chosen, config), ("confirm-default", default, None)):
         if phase == "confirm-default" and chosen == default:
@@ -742,9 +742,9 @@ def _report(options: TuneOptions, sweep: Sweep | None, interrupted: bool, restor
         "points": [asdict(p) for p in points],
     }
     source: Mapping[str, Any] | None = None  # None: patch the --config file's own text
-    if original is not None and options.app not in {a.get("name") for a in ops.load_config(options.config)["applications"]}:
+    if original is not None and options.app not in {a.get("name") for a in control.load_config(options.config)["applications"]}:
         source = original  # --address with an app the file does not have: the cluster's own config
-    final = recommended or default_setting(source or ops.load_config(options.config), options.app)
+    final = recommended or default_setting(source or control.load_config(options.config), options.app)
     header = [f"serve-app tune, {report['started']}: SLO p99 <= {options.slo_p99_ms:g} ms, 1-row POST /predict, "
               f"{report['generator']}.", *verdict,
               "Tuned keys: " + ", ".join(f"{k}={v}" for k, v in _values(final).items()) + "."]

@@ -1,7 +1,7 @@
 """Driving an HTTP server with one fixed POST body: `wrk` when installed, else a Python fallback.
 
 Both return the same `LoadResult`. wrk (C, epoll) barely loads a core, so it measures the
-server; the fallback (`python -m serve_app.loadgen`) is an asyncio keep-alive client that
+server; the fallback (`python -m serve_app.ops.loadgen`) is an asyncio keep-alive client that
 saturates a core by itself around a few thousand req/s: its figures say "the server works",
 not "the server is this fast", and the bench table says which generator produced them.
 
@@ -145,7 +145,7 @@ def run_load(
             ]
         else:
             command = [
-                sys.executable, "-m", "serve_app.loadgen", url, "-c", str(connections),
+                sys.executable, "-m", "serve_app.ops.loadgen", url, "-c", str(connections),
                 "-d", str(seconds), "--timeout", str(timeout_s),
             ]
         proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

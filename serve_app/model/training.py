@@ -11,9 +11,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from serve_app.artefacts import ModelFormat
-from serve_app.manifest import Manifest, library_versions, training_stats
-from serve_app.store import ModelStore
+from serve_app.model.formats import ModelFormat
+from serve_app.model.manifest import Manifest, library_versions, training_stats
+from serve_app.model.store import ModelStore
 
 DEFAULT_MODEL_NAME = "iris"
 DEFAULT_DATASET = "iris"

@@ -20,9 +20,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.utils.extmath import softmax
 
 from serve_app.errors import InvalidInput, ModelLoadError, PayloadTooLarge
-from serve_app.manifest import Manifest
+from serve_app.model.manifest import Manifest
 from serve_app.settings import DEFAULT_MAX_ROWS
-from serve_app.store import DEFAULT_ALIAS, ModelStore
+from serve_app.model.store import DEFAULT_ALIAS, ModelStore
 
 PREDICT = "predict"
 PREDICT_PROBA = "predict_proba"

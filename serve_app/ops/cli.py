@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from serve_app import processes
+from serve_app.ops import processes
 from serve_app.errors import ServeAppError
-from serve_app.ops import DeployFailed
+from serve_app.ops.control import DeployFailed
 from serve_app.settings import default_store
-from serve_app.store import DEFAULT_ALIAS, ModelStore
+from serve_app.model.store import DEFAULT_ALIAS, ModelStore
 
 
 def _store(args: argparse.Namespace) -> ModelStore:
@@ -21,7 +21,7 @@ def _store(args: argparse.Namespace) -> ModelStore:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from serve_app.training import train
+    from serve_app.model.training import train
 
     manifest = train(
         _store(args), name=args.name, dataset=args.dataset, estimator=args.estimator,
@@ -61,7 +61,7 @@ def _live_traffic(args: argparse.Namespace, store: ModelStore) -> tuple[str | No
     """The running app's model name and traffic shares by version, if a cluster answers."""
     if not getattr(args, "address", None):
         return None, {}
-    from serve_app import rollout
+    from serve_app.ops import rollout
 
     target = _target(args)
     name = rollout.model_name(target)
@@ -111,16 +111,16 @@ def cmd_models_show(args: argparse.Namespace) -> int:
 
 
 def _target(args: argparse.Namespace) -> Any:
-    from serve_app.rollout import Target
+    from serve_app.ops.rollout import Target
 
     return Target(address=args.address, app=args.app, url=args.url)
 
 
 def _cluster_reachable(args: argparse.Namespace) -> bool:
-    from serve_app import ops
+    from serve_app.ops import control
 
     try:
-        ops.details(args.address)
+        control.details(args.address)
         return True
     except Exception:
         return False
@@ -128,7 +128,7 @@ def _cluster_reachable(args: argparse.Namespace) -> bool:
 
 def _verified_version(store: ModelStore, name: str, ref: str) -> str:
     """Resolves `ref` and loads it here first, so a broken version is refused before any change."""
-    from serve_app.predictor import Predictor
+    from serve_app.model.predictor import Predictor
 
     predictor = Predictor.load(store, name, ref)
     predictor.check_health()
@@ -137,7 +137,7 @@ def _verified_version(store: ModelStore, name: str, ref: str) -> str:
 
 def _go_live(args: argparse.Namespace, name: str, version: str, action: Callable[[], Any]) -> int:
     """Applies a change to the running app, or says why it was not applied."""
-    from serve_app import rollout
+    from serve_app.ops import rollout
 
     if args.store_only:
         return 0
@@ -159,7 +159,7 @@ def _go_live(args: argparse.Namespace, name: str, version: str, action: Callable
 
 
 def cmd_models_promote(args: argparse.Namespace) -> int:
-    from serve_app import rollout
+    from serve_app.ops import rollout
 
     store = _store(args)
     version = _verified_version(store, args.name, args.ref)
@@ -173,7 +173,7 @@ def cmd_models_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_models_rollback(args: argparse.Namespace) -> int:
-    from serve_app import rollout
+    from serve_app.ops import rollout
 
     store = _store(args)
     before = store.aliases(args.name).get(args.alias)
@@ -188,7 +188,7 @@ def cmd_models_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_models_canary(args: argparse.Namespace) -> int:
-    from serve_app import rollout
+    from serve_app.ops import rollout
 
     store = _store(args)
     version = _verified_version(store, args.name, args.ref)
@@ -200,7 +200,7 @@ def cmd_models_canary(args: argparse.Namespace) -> int:
 
 
 def cmd_models_shadow(args: argparse.Namespace) -> int:
-    from serve_app import rollout
+    from serve_app.ops import rollout
 
     store = _store(args)
     version = None if args.off else _verified_version(store, args.name, args.ref)
@@ -212,11 +212,12 @@ def cmd_models_shadow(args: argparse.Namespace) -> int:
 
 
 def cmd_models_status(args: argparse.Namespace) -> int:
-    from serve_app import ops, rollout
+    from serve_app.ops import control
+    from serve_app.ops import rollout
 
     import httpx
 
-    details = ops.details(args.address)
+    details = control.details(args.address)
     base = rollout._http_base(details, _target(args))
     states = rollout._replica_states(details, args.app)
     replicas = sum(1 for state in states.values() if state == "RUNNING")
@@ -248,7 +249,7 @@ def cmd_models_sign(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_show(args: argparse.Namespace) -> int:
-    from serve_app import signing
+    from serve_app.model import signing
 
     key = signing.local_signer(create=not args.no_create).public_key()
     public = signing.signing_dir() / signing.PUBLIC_KEY_FILENAME
@@ -258,7 +259,7 @@ def cmd_keys_show(args: argparse.Namespace) -> int:
 
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
     """A new key pair, then every version that verifies under the old key re-signed with it."""
-    from serve_app import signing
+    from serve_app.model import signing
 
     store = _store(args)
     public = signing.signing_dir() / signing.PUBLIC_KEY_FILENAME
@@ -279,7 +280,7 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from serve_app.report import fetch, render_html, render_png
+    from serve_app.ops.report import fetch, render_html, render_png
 
     try:
         summary = fetch(args.url, args.model, args.api_key)
@@ -294,13 +295,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from serve_app.launcher import run
+    from serve_app.ops.launcher import run
 
     return run(Path(args.config), fast_path=not args.no_fast_path, dashboard_port=args.dashboard_port)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from serve_app.bench import SERVERS, BenchOptions, run as bench
+    from serve_app.ops.bench import SERVERS, BenchOptions, run as bench
 
     servers = tuple(s.strip() for s in args.servers.split(",") if s.strip())
     unknown = [s for s in servers if s not in SERVERS]
@@ -318,7 +319,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from serve_app.tune import TuneOptions, run as tune
+    from serve_app.ops.tune import TuneOptions, run as tune
 
     if args.slo_p99_ms <= 0 or args.budget_s <= 0 or args.max_replicas < 1 or args.max_connections < 1:
         raise ValueError("--slo-p99-ms and --budget-s must be > 0, --max-replicas and --max-connections >= 1")
@@ -336,7 +337,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from serve_app.batch import run_batch
+    from serve_app.ops.batch import run_batch
 
     result = run_batch(
         args.model, args.input, args.output, store=args.store, errors_output=args.errors,
@@ -352,8 +353,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from serve_app.artefacts import FORMATS
-    from serve_app.training import DATASETS, DEFAULT_DATASET, DEFAULT_MODEL_NAME
+    from serve_app.model.formats import FORMATS
+    from serve_app.model.training import DATASETS, DEFAULT_DATASET, DEFAULT_MODEL_NAME
 
     parser = argparse.ArgumentParser(prog="serve-app", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -424,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     sign.add_argument("ref", help="version number or alias, or 'all'")
     sign.set_defaults(func=cmd_models_sign)
 
-    keys = commands.add_parser("keys", help="the publisher key that signs model versions (serve_app/signing.py)")
+    keys = commands.add_parser("keys", help="the publisher key that signs model versions (serve_app/model/signing.py)")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     show_key = keys_sub.add_parser("show", help="the public key to give replicas (creates the pair on first use)")
     show_key.add_argument("--no-create", action="store_true", help="fail if there is no key yet")

@@ -177,7 +177,7 @@ HINTS = {
     ),
     "SigningKeyError": "fix args.trusted_keys (readable Ed25519 public key files; `serve-app keys show` prints one)",
     "UnsafeArtefact": (
-        "the model file rebuilds something outside serve_app/artefacts.py's allow-list: serve another version, "
+        "the model file rebuilds something outside serve_app/model/formats.py's allow-list: serve another version, "
         "or retrain it with an estimator the project trains (`serve-app train --store STORE`)"
     ),
 }

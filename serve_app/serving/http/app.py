@@ -17,12 +17,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from serve_app import auth, codec
+from serve_app.serving import auth
+
+from serve_app.protocol import codec
 from serve_app.errors import NotFound, PayloadTooLarge, ServeAppError
-from serve_app.monitoring.routes import monitoring_routes, observe_routes
-from serve_app.openapi import openapi_document
-from serve_app.predictor import PREDICT, Predictor
-from serve_app.streaming import stream_route
+from serve_app.serving.http.monitoring import monitoring_routes, observe_routes
+from serve_app.serving.http.openapi import openapi_document
+from serve_app.model.predictor import PREDICT, Predictor
+from serve_app.serving.http.streaming import stream_route
 
 logger = logging.getLogger("ray.serve")
 JSON = "application/json"
@@ -113,13 +115,14 @@ def build_http_app(backend: InferenceBackend) -> Starlette:
 
     def route_key(request: Request) -> str | None:
         """The canary's sticky key, if a canary with a sticky header is configured."""
-        routing = backend.service.routing
+        routing = backend.versions.routing
         header = routing.sticky_header if routing is not None else None
         return request.headers.get(header) if header else None
 
     async def predict(request: Request) -> Response:
         decoded = codec.decode_seed(await json_body(request))
-        result = await backend.infer(decoded.rows, (PREDICT,), request.headers.get(VERSION_HEADER), None, route_key(request))
+        predictor = await backend.versions.resolve(request.headers.get(VERSION_HEADER), None, route_key(request))
+        result = await backend.infer(predictor, decoded.rows, (PREDICT,))
         labels = result.outputs[PREDICT].tolist()
         payload: dict[str, Any] = {"prediction": labels[0]} if decoded.single else {"predictions": labels}
         payload["model"] = result.model
@@ -130,12 +133,13 @@ def build_http_app(backend: InferenceBackend) -> Starlette:
 
     async def v1_predict(request: Request) -> Response:
         rows = codec.decode_v1(await json_body(request))
-        result = await backend.infer(rows, (PREDICT,), None, request.path_params["name"], route_key(request))
+        predictor = await backend.versions.resolve(None, request.path_params["name"], route_key(request))
+        result = await backend.infer(predictor, rows, (PREDICT,))
         payload = {"predictions": result.outputs[PREDICT], "model_name": result.model, "model_version": result.version}
         return json_response(payload, headers=_answered_by(result.model, result.version))
 
     async def v1_model(request: Request) -> Response:
-        predictor = backend.service.loaded_predictor(None, request.path_params["name"])  # open: memory only
+        predictor = backend.versions.loaded_predictor(None, request.path_params["name"])  # open: memory only
         return json_response({"name": predictor.name, "ready": True, "version": predictor.version})
 
     # ---- Open Inference Protocol V2 ------------------------------------------------
@@ -147,25 +151,25 @@ def build_http_app(backend: InferenceBackend) -> Starlette:
         return json_response({"live": True})
 
     async def v2_ready(request: Request) -> Response:
-        backend.service.default  # raises NotFound (404) until a model is loaded
+        backend.versions.default  # raises NotFound (404) until a model is loaded
         return json_response({"ready": True})
 
-    def v2_predictor(request: Request) -> Predictor:
+    async def v2_predictor(request: Request) -> Predictor:
         version = request.path_params.get("version")
-        return backend.service.predictor(version, request.path_params["name"], None if version else route_key(request))
+        return await backend.versions.resolve(version, request.path_params["name"], None if version else route_key(request))
 
     async def v2_model_metadata(request: Request) -> Response:
-        return json_response(v2_metadata(v2_predictor(request), backend.service.store.versions(backend.service.name)))
+        return json_response(v2_metadata(await v2_predictor(request), backend.versions.catalog.versions))
 
     async def v2_model_ready(request: Request) -> Response:
         # A probe, open without the API key: it answers from versions already loaded here
         # and never loads one from disk, so an unauthenticated caller cannot make a replica
         # read (or learn about) stored versions.
-        predictor = backend.service.loaded_predictor(request.path_params.get("version"), request.path_params["name"])
+        predictor = backend.versions.loaded_predictor(request.path_params.get("version"), request.path_params["name"])
         return json_response({"name": predictor.name, "version": predictor.version, "ready": True})
 
     async def v2_infer(request: Request) -> Response:
-        predictor = v2_predictor(request)  # an unknown model or version is a 404 first
+        predictor = await v2_predictor(request)  # an unknown model or version is a 404 first
         header_length = request.headers.get(codec.BINARY_HEADER)
         if header_length is None:
             body = await json_body(request)
@@ -177,7 +181,7 @@ def build_http_app(backend: InferenceBackend) -> Starlette:
             requested = tuple(codec.RequestedOutput(name, decoded.binary_default) for name in predictor.outputs)
         names = [output.name for output in requested]
         # The version chosen above (canary split included) is the one that answers.
-        result = await backend.infer(decoded.rows, names, predictor.version, predictor.name)
+        result = await backend.infer(predictor, decoded.rows, names)
         head: dict[str, Any] = {"model_name": result.model, "model_version": result.version}
         if decoded.id is not None:
             head["id"] = decoded.id
@@ -194,7 +198,7 @@ def build_http_app(backend: InferenceBackend) -> Starlette:
         return json_response(backend.status())
 
     async def openapi(request: Request) -> Response:
-        return json_response(openapi_document(backend.service.name))
+        return json_response(openapi_document(backend.versions.name))
 
     async def not_found(request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, HTTPException) else 404
@@ -206,7 +210,7 @@ def build_http_app(backend: InferenceBackend) -> Starlette:
 
     routes = [
         Route("/predict", private(predict), methods=["POST"]),
-        Route("/predict/stream", private(stream_route(backend)), methods=["POST"]),  # serve_app/streaming.py
+        Route("/predict/stream", private(stream_route(backend)), methods=["POST"]),  # serve_app/serving/http/streaming.py
         Route("/v1/models/{name}:predict", private(v1_predict), methods=["POST"]),
         Route("/v1/models/{name}", endpoint(v1_model), methods=["GET"]),
         Route("/v2", endpoint(v2_server_metadata), methods=["GET"]),

@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 
 from serve_app.errors import ServeAppError
-from serve_app.predictor import Predictor
-from serve_app.store import DEFAULT_ALIAS, ModelStore
+from serve_app.model.predictor import Predictor
+from serve_app.model.store import DEFAULT_ALIAS, ModelStore
 
 CSV_SUFFIXES = (".csv", ".txt")
 PARQUET_SUFFIXES = (".parquet", ".pq")

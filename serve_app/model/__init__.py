@@ -1,0 +1,1 @@
+"""Model store and predictor: versions, manifests, safe formats, signatures, training. No Ray, no HTTP."""

@@ -1,0 +1,1 @@
+"""Operator tools: CLI, local Ray, rollout, tune, bench, batch job, report. Never imported by a replica."""

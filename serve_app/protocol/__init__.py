@@ -1,0 +1,1 @@
+"""Bytes <-> numpy for each wire format. No Ray, no Starlette."""

@@ -1,0 +1,1 @@
+"""The HTTP routes a replica serves, one module per protocol."""
