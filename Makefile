@@ -8,7 +8,7 @@ CONFIG ?= configs/local.yaml
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install run test test-scenarios scenario-deps bench train clean
+.PHONY: install run check test test-scenarios scenario-deps bench train clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,9 +25,14 @@ train: $(STAMP)
 run: $(STAMP)
 	$(BIN)/serve-app run --config $(CONFIG)
 
-# Everything but the multi-minute scenarios, in a random order: pytest-randomly prints its seed;
-# PYTEST_ARGS=--randomly-seed=N repeats an order, PYTEST_ARGS=-p no:randomly keeps the written one.
-test: $(STAMP)
+# The layer contracts in pyproject.toml ([tool.importlinter]) and the type checker.
+check: $(STAMP)
+	$(BIN)/lint-imports
+	$(BIN)/mypy
+
+# The checks, then everything but the multi-minute scenarios, in a random order: pytest-randomly
+# prints its seed; PYTEST_ARGS=--randomly-seed=N repeats an order, -p no:randomly keeps the written one.
+test: check
 	$(BIN)/python -m pytest -m "not scenario" $(PYTEST_ARGS)
 
 # The README walkthrough (two `make run`s), a 3-node cluster, bench and tune runs, chaos and

@@ -24,7 +24,8 @@ from pathlib import Path
 import httpx
 
 from serve_app.ops import rollout
-from serve_app.ops.bench import Progress, RayDeployment
+from serve_app.ops.localray import RayDeployment
+from serve_app.ops.progress import Progress
 from serve_app.model.store import ModelStore
 from serve_app.model.training import train
 

@@ -8,9 +8,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, cast
 
-from ray.serve import Application
+from ray.serve import Application, Deployment
 
 from serve_app.serving.deployment import ModelServer
 from serve_app.settings import AppSettings, ConfigError, RuntimeSettings, validated
@@ -31,4 +31,5 @@ def build_app(args: Mapping[str, Any] | None = None) -> Application:
             f"the model store {store.root} has no model {settings.model!r}; train one with: "
             f"serve-app train --store {store.root} --name {settings.model}"
         )
-    return ModelServer.options(user_config=RuntimeSettings().model_dump()).bind(settings.model_dump())
+    # @serve.deployment makes ModelServer a Deployment; its type hints do not say so.
+    return cast(Deployment, ModelServer).options(user_config=RuntimeSettings().model_dump()).bind(settings.model_dump())

@@ -34,7 +34,9 @@ class Node:
     seen: set[processes.Process] = field(default_factory=set)
 
     def tree(self) -> set[processes.Process]:
-        return processes.descendants(self.proc.pid)
+        """The node's `ray start` process, if it lives, and every live process below it."""
+        itself = processes.identify(self.proc.pid)
+        return processes.descendants(self.proc.pid) | ({itself} if itself else set())
 
 
 class LocalCluster:
@@ -131,7 +133,7 @@ class LocalCluster:
                 # a machine busy with other Ray sessions can miss that: end it, try again.
                 self.nodes.remove(node)
                 node.seen |= node.tree()
-                processes.end(node.seen | {(node.proc.pid, _start_time(node.proc.pid))})
+                processes.end(node.seen)
                 self.retired.append(node)
                 if attempt == 2:
                     raise
@@ -168,7 +170,7 @@ class LocalCluster:
         """Ends a node the hard way: SIGKILL to its raylet, GCS, workers, HAProxy (by pid)."""
         node = self.node(name)
         node.seen |= node.tree()
-        targets = {p for p in node.seen if processes.alive(p)} | {(node.proc.pid, _start_time(node.proc.pid))}
+        targets = {p for p in node.seen if processes.alive(p)}
         return processes.end(targets, grace_s=0.0)
 
     def stop(self) -> list[int]:
@@ -181,7 +183,7 @@ class LocalCluster:
         # Workers first, then the head (raylets first would make GCS log node deaths only).
         for node in reversed(self.nodes):
             node.seen |= node.tree()
-            ended += processes.end(node.seen | {(node.proc.pid, _start_time(node.proc.pid))}, grace_s=5.0)
+            ended += processes.end(node.seen, grace_s=5.0)
             try:
                 node.proc.wait(10)
             except subprocess.TimeoutExpired:
@@ -232,11 +234,3 @@ def _clean_env() -> dict[str, str]:
 
 def _state(node: Any) -> str:
     return str(node["state"] if isinstance(node, dict) else node.state)
-
-
-def _start_time(pid: int) -> int:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return -1
-    return int(raw[raw.rindex(")") + 2 :].split()[19])

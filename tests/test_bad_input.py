@@ -20,7 +20,8 @@ import httpx
 import numpy as np
 import pytest
 
-from serve_app.protocol import codec
+from serve_app.client import v2
+from serve_app.protocol import oip_v2
 
 from .conftest import IRIS_ROWS, app_config, wait_for
 
@@ -68,18 +69,18 @@ def _json_body(protocol: str, rows: bytes, shape: str = "[1, 4]", datatype: str 
 def _binary(header: dict[str, Any], data: bytes, declared: int | None = None) -> tuple[bytes, dict[str, str]]:
     head = json.dumps(header).encode()
     length = len(head) if declared is None else declared
-    return head + data, {"content-type": codec.BINARY_CONTENT_TYPE, codec.BINARY_HEADER: str(length)}
+    return head + data, {"content-type": oip_v2.BINARY_CONTENT_TYPE, oip_v2.BINARY_HEADER: str(length)}
 
 
 def _tensor_header(shape: list[int], datatype: str = "FP32", size: int | None = None, **extra: Any) -> dict[str, Any]:
-    itemsize = codec.V2_DATATYPES[datatype].itemsize if datatype in codec.V2_DATATYPES else 4
+    itemsize = oip_v2.DATATYPES[datatype].itemsize if datatype in oip_v2.DATATYPES else 4
     nbytes = size if size is not None else int(np.prod(shape)) * itemsize
     return {"inputs": [{"name": "input-0", "shape": shape, "datatype": datatype, "parameters": {"binary_data_size": nbytes}}], **extra}
 
 
 def _valid(protocol: str, prefix: str = "") -> tuple[str, bytes, dict[str, str]]:
     if protocol == "v2binary":
-        body, headers = codec.encode_v2_request(np.array([IRIS_ROWS[0]], dtype=np.float32), binary=True)
+        body, headers = v2.encode_request(np.array([IRIS_ROWS[0]], dtype=np.float32), binary=True)
         return prefix + _path(protocol), body, headers
     return prefix + _path(protocol), _json_body(protocol, b"[" + ROW + b"]"), dict(JSON_HEADERS)
 
@@ -148,7 +149,7 @@ def _binary_cases() -> Iterator[Case]:
 
     head_len = len(json.dumps(good).encode())
     body, headers = _binary(good, row)
-    yield case("header-length-not-a-number", (body, {**headers, codec.BINARY_HEADER: "abc"}), 400, "whole number")
+    yield case("header-length-not-a-number", (body, {**headers, oip_v2.BINARY_HEADER: "abc"}), 400, "whole number")
     yield case("header-length-past-body", _binary(good, row, declared=head_len + 100), 400, "but the body has")
     yield case("header-length-zero", _binary(good, row, declared=0), 400, "but the body has")
     yield case("header-length-negative", _binary(good, row, declared=-4), 400, "but the body has")
@@ -165,7 +166,7 @@ def _binary_cases() -> Iterator[Case]:
     yield case("wrong-feature-count", _binary(_tensor_header([1, 3]), row[:12]), 422, "4 features")
     yield case("zero-rows", _binary(_tensor_header([0, 4]), b""), 422, "no rows")
     yield case("3d-shape", _binary(_tensor_header([1, 1, 4]), row), 422, "shape")
-    yield case("header-not-json", (b"\xff\xfe" + row, {"content-type": codec.BINARY_CONTENT_TYPE, codec.BINARY_HEADER: "2"}), 400, "not valid json")
+    yield case("header-not-json", (b"\xff\xfe" + row, {"content-type": oip_v2.BINARY_CONTENT_TYPE, oip_v2.BINARY_HEADER: "2"}), 400, "not valid json")
     yield case("unknown-output", _binary(_tensor_header([1, 4], outputs=[{"name": "decision"}]), row), 422, "unknown output 'decision'")
     yield case("unknown-model", _binary(good, row), 404, "unknown model 'nope'", path=_path(protocol, "nope"))
     yield case("unknown-version", _binary(good, row), 404, "no version 99", path="/v2/models/iris/versions/99/infer")
@@ -179,10 +180,10 @@ def _limit_cases() -> Iterator[Case]:
         yield Case(protocol, "too-many-rows", "/limits" + _path(protocol), _json_body(protocol, many, shape), 413, f"the limit is {LIMIT_ROWS}", app="limits")
         yield Case(protocol, "body-over-limit", "/limits" + _path(protocol), _json_body(protocol, b"[" + ROW + padding + b"]"), 413, f"limit is {LIMIT_BODY} bytes", app="limits")
     rows = np.tile(np.array([IRIS_ROWS[0]], dtype="<f4"), (LIMIT_ROWS + 1, 1))
-    body, headers = codec.encode_v2_request(rows, binary=True)
+    body, headers = v2.encode_request(rows, binary=True)
     yield Case("v2binary", "too-many-rows", "/limits/v2/models/iris/infer", body, 413, f"the limit is {LIMIT_ROWS}", headers, app="limits")
     big = np.zeros((LIMIT_BODY // 16, 4), dtype="<f4")
-    body, headers = codec.encode_v2_request(big, binary=True)
+    body, headers = v2.encode_request(big, binary=True)
     yield Case("v2binary", "body-over-limit", "/limits/v2/models/iris/infer", body, 413, f"limit is {LIMIT_BODY} bytes", headers, app="limits")
 
 
@@ -269,7 +270,7 @@ def test_nan_outputs_are_strict_json_null(served: dict[str, Any], client: httpx.
     """Huge finite inputs overflow LogisticRegression's scores; its probabilities become
     NaN, which must reach the client as null, never as a bare NaN token."""
     rows = np.full((1, 4), 1e308)
-    body, headers = codec.encode_v2_request(rows, binary=False, outputs=["predict_proba"])
+    body, headers = v2.encode_request(rows, binary=False, outputs=["predict_proba"])
     reply = client.post(f"{served['base_url']}/v2/models/iris/infer", content=body, headers=headers)
     assert reply.status_code == 200, reply.text
 

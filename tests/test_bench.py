@@ -8,9 +8,6 @@ figures of a CI machine say nothing, the benchmark's job is to produce them.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -165,3 +162,22 @@ def test_soak_pause_offers_the_asked_share_of_the_peak() -> None:
     # 32 connections, 70% of 1,400 req/s = 980 req/s: a 32.65 ms cycle, of which 1.5 ms is the request.
     assert soak_pause_ms(32, 980.0, 1.5) == 31
     assert soak_pause_ms(32, 1e9, 1.5) == 1  # never 0: 0 would mean "not paced" to wrk
+
+
+def test_bench_outside_a_checkout_says_it_needs_a_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The default config is the checkout's: without it the bench stops before starting anything."""
+    from serve_app.ops.cli import main
+
+    assert main(["bench", "--config", str(tmp_path / "local.yaml"), "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert "no such file" in error and "checkout" in error and "--config PATH" in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_baselines_ship_in_the_package() -> None:
+    import importlib.util
+
+    from serve_app.ops.bench import BASELINES, SERVERS
+
+    for name in SERVERS[:2]:
+        assert importlib.util.find_spec(f"{BASELINES}.{name}_app") is not None, name

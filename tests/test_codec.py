@@ -1,8 +1,10 @@
-"""Request bytes <-> numpy for the seed, KServe V1 and Open Inference Protocol V2 formats."""
+"""Request bytes <-> numpy (`serve_app.protocol`) for the `/predict` API, KServe V1 and the
+Open Inference Protocol V2, and the V2 client codec (`serve_app.client.v2`)."""
 
 from __future__ import annotations
 
 import json
+import tracemalloc
 from typing import Any, Callable
 
 import numpy as np
@@ -11,10 +13,12 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import np_to_triton_dtype
 
-from serve_app.protocol import codec
+from serve_app.client import v2
+from serve_app.protocol import kserve_v1, oip_v2, predict_api
+from serve_app.protocol.json import check_json_content_type, dumps
 from serve_app.errors import BadRequest, InvalidInput, ServeAppError, UnsupportedMediaType
 
-NUMERIC = list(codec.NUMERIC_INPUT_DATATYPES)
+NUMERIC = list(oip_v2.NUMERIC_INPUT_DATATYPES)
 
 
 def raises(error: type[ServeAppError], call: Callable[[], Any], *fragments: str) -> ServeAppError:
@@ -34,14 +38,14 @@ def v2_body(tensor: dict[str, Any] | None = None, **payload: Any) -> bytes:
 
 
 def binary_request(rows: np.ndarray, **kwargs: Any) -> tuple[bytes, str]:
-    body, headers = codec.encode_v2_request(rows, binary=True, **kwargs)
-    return body, headers[codec.BINARY_HEADER]
+    body, headers = v2.encode_request(rows, binary=True, **kwargs)
+    return body, headers[oip_v2.BINARY_HEADER]
 
 
 def sample(datatype: str, shape: tuple[int, ...] = (3, 4), seed: int = 0) -> np.ndarray:
     """Random values spanning a datatype's whole range (ints) or many magnitudes (floats)."""
     rng = np.random.default_rng(seed)
-    dtype = codec.V2_DATATYPES[datatype]
+    dtype = oip_v2.DATATYPES[datatype]
     if dtype.kind == "b":
         return rng.integers(0, 2, size=shape).astype(bool)
     if dtype.kind in "iu":
@@ -55,45 +59,45 @@ def sample(datatype: str, shape: tuple[int, ...] = (3, 4), seed: int = 0) -> np.
     return values
 
 
-# ---- the seed's {"features": ...} ------------------------------------------------------------
+# ---- the /predict API's {"features": ...} ------------------------------------------------------------
 
 
-def test_seed_single_row() -> None:
-    decoded = codec.decode_seed(b'{"features": [5.1, 3.5, 1.4, 0.2]}')
+def test_predict_api_single_row() -> None:
+    decoded = predict_api.decode_request(b'{"features": [5.1, 3.5, 1.4, 0.2]}')
     assert decoded.single is True
     assert decoded.rows.shape == (1, 4) and decoded.rows.dtype == np.float64
     assert decoded.rows.tolist() == [[5.1, 3.5, 1.4, 0.2]]
 
 
-def test_seed_many_rows_and_ints() -> None:
-    decoded = codec.decode_seed(b'{"features": [[5, 3, 1, 0], [6.7, 3.0, 5.2, 2.3]]}')
+def test_predict_api_many_rows_and_ints() -> None:
+    decoded = predict_api.decode_request(b'{"features": [[5, 3, 1, 0], [6.7, 3.0, 5.2, 2.3]]}')
     assert decoded.single is False
     assert decoded.rows.tolist() == [[5, 3, 1, 0], [6.7, 3.0, 5.2, 2.3]]
-    ints = codec.decode_seed(b'{"features": [[5, 3, 1, 0]]}')
+    ints = predict_api.decode_request(b'{"features": [[5, 3, 1, 0]]}')
     assert ints.rows.dtype.kind == "i" and ints.single is False
 
 
-def test_seed_ignores_other_keys() -> None:
-    assert codec.decode_seed(b'{"features": [1, 2], "id": "x"}').rows.tolist() == [[1, 2]]
+def test_predict_api_ignores_other_keys() -> None:
+    assert predict_api.decode_request(b'{"features": [1, 2], "id": "x"}').rows.tolist() == [[1, 2]]
 
 
 # ---- KServe V1 ------------------------------------------------------------------------------
 
 
 def test_v1_instances_and_inputs() -> None:
-    assert codec.decode_v1(b'{"instances": [[5.1, 3.5, 1.4, 0.2]]}').tolist() == [[5.1, 3.5, 1.4, 0.2]]
-    assert codec.decode_v1(b'{"inputs": [[1, 2, 3, 4], [5, 6, 7, 8]]}').shape == (2, 4)
+    assert kserve_v1.decode_request(b'{"instances": [[5.1, 3.5, 1.4, 0.2]]}').tolist() == [[5.1, 3.5, 1.4, 0.2]]
+    assert kserve_v1.decode_request(b'{"inputs": [[1, 2, 3, 4], [5, 6, 7, 8]]}').shape == (2, 4)
 
 
 # ---- bad input, the same for every JSON decoder -------------------------------------------------
 
 DECODERS: dict[str, tuple[Callable[[bytes], Any], Callable[[str], bytes]]] = {
     # name: (decode, wrap a JSON value where the rows go)
-    "seed": (codec.decode_seed, lambda v: b'{"features": ' + v.encode() + b"}"),
-    "v1-instances": (codec.decode_v1, lambda v: b'{"instances": ' + v.encode() + b"}"),
-    "v1-inputs": (codec.decode_v1, lambda v: b'{"inputs": ' + v.encode() + b"}"),
+    "predict": (predict_api.decode_request, lambda v: b'{"features": ' + v.encode() + b"}"),
+    "v1-instances": (kserve_v1.decode_request, lambda v: b'{"instances": ' + v.encode() + b"}"),
+    "v1-inputs": (kserve_v1.decode_request, lambda v: b'{"inputs": ' + v.encode() + b"}"),
     "v2": (
-        codec.decode_v2,
+        oip_v2.decode_request,
         lambda v: b'{"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP64", "data": ' + v.encode() + b"}]}",
     ),
 }
@@ -165,17 +169,17 @@ def test_booleans_elsewhere_in_the_body_are_not_mistaken(decoder: Any) -> None:
 
 @pytest.mark.parametrize("value", ['"1,2,3,4"', "5", "{}", "null", "true"])
 def test_rows_that_are_not_a_list(value: str) -> None:
-    raises(InvalidInput, lambda: codec.decode_seed(b'{"features": ' + value.encode() + b"}"), "features must be a list of numbers")
-    raises(InvalidInput, lambda: codec.decode_v1(b'{"instances": ' + value.encode() + b"}"), "instances must be a list of numbers")
+    raises(InvalidInput, lambda: predict_api.decode_request(b'{"features": ' + value.encode() + b"}"), "features must be a list of numbers")
+    raises(InvalidInput, lambda: kserve_v1.decode_request(b'{"instances": ' + value.encode() + b"}"), "instances must be a list of numbers")
 
 
 def test_ints_beyond_64_bits() -> None:
     # JSON numbers have no size limit; the parser reads integers beyond 64 bits as floats,
     # a finite feature value the model can score (beyond float64 it is a 400, tested above).
-    assert codec.decode_seed(b'{"features": [1, 2, 36893488147419103232, 4]}').rows[0, 2] == 2.0**65
-    raises(InvalidInput, lambda: codec.decode_v2(v2_body({"datatype": "INT64", "data": [1, 2, 36893488147419103232, 4]})),
+    assert predict_api.decode_request(b'{"features": [1, 2, 36893488147419103232, 4]}').rows[0, 2] == 2.0**65
+    raises(InvalidInput, lambda: oip_v2.decode_request(v2_body({"datatype": "INT64", "data": [1, 2, 36893488147419103232, 4]})),
            "non-integer values (or integers beyond 64 bits) for datatype INT64")
-    raises(InvalidInput, lambda: codec.decode_v2(v2_body({"datatype": "INT64", "data": [1, 2, 2**63, 4]})),
+    raises(InvalidInput, lambda: oip_v2.decode_request(v2_body({"datatype": "INT64", "data": [1, 2, 2**63, 4]})),
            "outside -9223372036854775808..9223372036854775807, the range of datatype INT64")
 
 
@@ -186,22 +190,22 @@ def test_ints_beyond_64_bits() -> None:
         (b"{}", "'features'"),
     ],
 )
-def test_seed_missing_key(body: bytes, key: str) -> None:
-    raises(InvalidInput, lambda: codec.decode_seed(body), f"missing key {key}", '{"features": [5.1, 3.5, 1.4, 0.2]}')
+def test_predict_api_missing_key(body: bytes, key: str) -> None:
+    raises(InvalidInput, lambda: predict_api.decode_request(body), f"missing key {key}", '{"features": [5.1, 3.5, 1.4, 0.2]}')
 
 
 def test_v1_missing_key_and_not_an_object() -> None:
-    raises(InvalidInput, lambda: codec.decode_v1(b'{"rows": [[1, 2, 3, 4]]}'), "missing key 'instances' (or 'inputs')", '{"instances": [[5.1')
-    raises(InvalidInput, lambda: codec.decode_v1(b"[[1, 2, 3, 4]]"), "expected a JSON object such as", "got list")
-    raises(InvalidInput, lambda: codec.decode_seed(b"[5.1, 3.5, 1.4, 0.2]"), "expected a JSON object", "got list")
-    raises(InvalidInput, lambda: codec.decode_seed(b'"x"'), "got str")
+    raises(InvalidInput, lambda: kserve_v1.decode_request(b'{"rows": [[1, 2, 3, 4]]}'), "missing key 'instances' (or 'inputs')", '{"instances": [[5.1')
+    raises(InvalidInput, lambda: kserve_v1.decode_request(b"[[1, 2, 3, 4]]"), "expected a JSON object such as", "got list")
+    raises(InvalidInput, lambda: predict_api.decode_request(b"[5.1, 3.5, 1.4, 0.2]"), "expected a JSON object", "got list")
+    raises(InvalidInput, lambda: predict_api.decode_request(b'"x"'), "got str")
 
 
 # ---- V2 JSON ---------------------------------------------------------------------------------
 
 
 def test_v2_json_request() -> None:
-    decoded = codec.decode_v2(v2_body({"name": "features", "shape": [2, 2], "data": [[1, 2], [3, 4]]}, id="req-7"))
+    decoded = oip_v2.decode_request(v2_body({"name": "features", "shape": [2, 2], "data": [[1, 2], [3, 4]]}, id="req-7"))
     assert decoded.input_name == "features"
     assert decoded.rows.tolist() == [[1, 2], [3, 4]] and decoded.rows.dtype == np.float64
     assert decoded.outputs is None and decoded.binary_default is False
@@ -209,10 +213,10 @@ def test_v2_json_request() -> None:
 
 
 def test_v2_requested_outputs() -> None:
-    decoded = codec.decode_v2(v2_body(outputs=[{"name": "predict_proba"}, {"name": "predict", "parameters": {"binary_data": True}}]))
-    assert decoded.outputs == (codec.RequestedOutput("predict_proba", False), codec.RequestedOutput("predict", True))
-    decoded = codec.decode_v2(v2_body(outputs=[{"name": "predict"}], parameters={"binary_data_output": True}))
-    assert decoded.outputs == (codec.RequestedOutput("predict", True),) and decoded.binary_default is True
+    decoded = oip_v2.decode_request(v2_body(outputs=[{"name": "predict_proba"}, {"name": "predict", "parameters": {"binary_data": True}}]))
+    assert decoded.outputs == (oip_v2.RequestedOutput("predict_proba", False), oip_v2.RequestedOutput("predict", True))
+    decoded = oip_v2.decode_request(v2_body(outputs=[{"name": "predict"}], parameters={"binary_data_output": True}))
+    assert decoded.outputs == (oip_v2.RequestedOutput("predict", True),) and decoded.binary_default is True
 
 
 @pytest.mark.parametrize(
@@ -259,17 +263,17 @@ def test_v2_requested_outputs() -> None:
     ],
 )
 def test_v2_json_refused(body: bytes, error: type[ServeAppError], fragments: list[str]) -> None:
-    raises(error, lambda: codec.decode_v2(body), *fragments)
+    raises(error, lambda: oip_v2.decode_request(body), *fragments)
 
 
 def test_v2_json_data_takes_the_declared_datatype() -> None:
     # FP32 data means float32 values, as in the binary form: both forms predict the same.
-    json_rows = codec.decode_v2(v2_body({"datatype": "FP32", "data": [0.1, 0.2, 0.3, 0.4]})).rows
-    binary_rows = codec.decode_v2(*binary_request(np.array([[0.1, 0.2, 0.3, 0.4]], dtype=np.float32))).rows
+    json_rows = oip_v2.decode_request(v2_body({"datatype": "FP32", "data": [0.1, 0.2, 0.3, 0.4]})).rows
+    binary_rows = oip_v2.decode_request(*binary_request(np.array([[0.1, 0.2, 0.3, 0.4]], dtype=np.float32))).rows
     assert json_rows.dtype == binary_rows.dtype == np.float32
     assert np.array_equal(json_rows, binary_rows)
-    assert codec.decode_v2(v2_body({"datatype": "FP64", "data": [1, 2, 3, 4]})).rows.dtype == np.float64
-    assert codec.decode_v2(v2_body({"datatype": "UINT64", "data": [0, 1, 2**64 - 1, 2**63]})).rows.tolist() == [[0, 1, 2**64 - 1, 2**63]]
+    assert oip_v2.decode_request(v2_body({"datatype": "FP64", "data": [1, 2, 3, 4]})).rows.dtype == np.float64
+    assert oip_v2.decode_request(v2_body({"datatype": "UINT64", "data": [0, 1, 2**64 - 1, 2**63]})).rows.tolist() == [[0, 1, 2**64 - 1, 2**63]]
 
 
 # ---- V2 binary (Triton's binary tensor data extension) ------------------------------------------
@@ -277,14 +281,14 @@ def test_v2_json_data_takes_the_declared_datatype() -> None:
 
 def test_v2_binary_request() -> None:
     rows = np.array([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]])
-    body, headers = codec.encode_v2_request(rows, binary=True, outputs=["predict"], binary_outputs=True)
-    assert headers["content-type"] == codec.BINARY_CONTENT_TYPE
-    header_length = int(headers[codec.BINARY_HEADER])
+    body, headers = v2.encode_request(rows, binary=True, outputs=["predict"], binary_outputs=True)
+    assert headers["content-type"] == oip_v2.BINARY_CONTENT_TYPE
+    header_length = int(headers[oip_v2.BINARY_HEADER])
     assert len(body) == header_length + rows.nbytes
     assert body[header_length:] == rows.astype("<f8").tobytes()
-    decoded = codec.decode_v2(body, headers[codec.BINARY_HEADER])
+    decoded = oip_v2.decode_request(body, headers[oip_v2.BINARY_HEADER])
     assert np.array_equal(decoded.rows, rows)
-    assert decoded.outputs == (codec.RequestedOutput("predict", True),)
+    assert decoded.outputs == (oip_v2.RequestedOutput("predict", True),)
 
 
 @pytest.mark.parametrize(
@@ -300,42 +304,42 @@ def test_v2_binary_request() -> None:
 )
 def test_v2_binary_header_length_wrong(header: str, fragments: list[str]) -> None:
     body, _ = binary_request(np.ones((2, 4)))
-    raises(BadRequest, lambda: codec.decode_v2(body, header), *fragments)
+    raises(BadRequest, lambda: oip_v2.decode_request(body, header), *fragments)
 
 
 def test_v2_binary_header_length_not_at_the_json_end() -> None:
     body, header = binary_request(np.ones((2, 4)))
-    raises(BadRequest, lambda: codec.decode_v2(body, str(int(header) - 3)), "not valid JSON")
+    raises(BadRequest, lambda: oip_v2.decode_request(body, str(int(header) - 3)), "not valid JSON")
     # Longer, but still inside the body: the JSON header swallows tensor bytes.
-    raises(BadRequest, lambda: codec.decode_v2(body, str(int(header) + 3)), "not valid JSON")
+    raises(BadRequest, lambda: oip_v2.decode_request(body, str(int(header) + 3)), "not valid JSON")
 
 
 def test_v2_binary_data_size_not_matching_the_shape() -> None:
     body, header = binary_request(np.ones((2, 4), dtype=np.float32))
     wrong = body.replace(b'"binary_data_size":32', b'"binary_data_size":16')
-    raises(BadRequest, lambda: codec.decode_v2(wrong, str(len(wrong) - 32)),
+    raises(BadRequest, lambda: oip_v2.decode_request(wrong, str(len(wrong) - 32)),
            "binary_data_size is 16 bytes but shape [2, 4] of FP32 needs 32")
     negative = body.replace(b'"binary_data_size":32', b'"binary_data_size":-1')
-    raises(InvalidInput, lambda: codec.decode_v2(negative, str(len(negative) - 32)), "binary_data_size must be a byte count")
+    raises(InvalidInput, lambda: oip_v2.decode_request(negative, str(len(negative) - 32)), "binary_data_size must be a byte count")
 
 
 def test_v2_binary_body_shorter_or_longer_than_declared() -> None:
     body, header = binary_request(np.ones((2, 4)))
-    raises(BadRequest, lambda: codec.decode_v2(body[:-8], header), "holds 56 bytes of tensor data after the JSON header, 64 were declared")
-    raises(BadRequest, lambda: codec.decode_v2(body + b"\0\0\0", header), "the body has 3 bytes after the declared tensor data")
+    raises(BadRequest, lambda: oip_v2.decode_request(body[:-8], header), "holds 56 bytes of tensor data after the JSON header, 64 were declared")
+    raises(BadRequest, lambda: oip_v2.decode_request(body + b"\0\0\0", header), "the body has 3 bytes after the declared tensor data")
 
 
 def test_v2_binary_header_with_json_data_and_trailing_bytes() -> None:
     body = v2_body()
-    raises(BadRequest, lambda: codec.decode_v2(body + b"\x01\x02", str(len(body))), "2 bytes after the declared tensor data")
-    assert codec.decode_v2(body, str(len(body))).rows.tolist() == [[5.1, 3.5, 1.4, 0.2]]
+    raises(BadRequest, lambda: oip_v2.decode_request(body + b"\x01\x02", str(len(body))), "2 bytes after the declared tensor data")
+    assert oip_v2.decode_request(body, str(len(body))).rows.tolist() == [[5.1, 3.5, 1.4, 0.2]]
 
 
 @pytest.mark.parametrize("datatype", ["BOOL", "BYTES"])
 def test_v2_binary_non_numeric_inputs(datatype: str) -> None:
     body, header = binary_request(np.ones((1, 4), dtype=bool))
     body = body.replace(b'"BOOL"', f'"{datatype}"'.encode())
-    raises(InvalidInput, lambda: codec.decode_v2(body, str(int(header) + len(datatype) - 4)), f"datatype '{datatype}' is not supported")
+    raises(InvalidInput, lambda: oip_v2.decode_request(body, str(int(header) + len(datatype) - 4)), f"datatype '{datatype}' is not supported")
 
 
 # ---- round trips, and against tritonclient (an independent V2 implementation) ----------------
@@ -360,12 +364,12 @@ def triton_request(rows: np.ndarray, *, binary: bool, outputs: list[Any] | None 
 def test_request_round_trip(datatype: str, binary: bool, encoder: str) -> None:
     rows = sample(datatype)
     if encoder == "serve_app":
-        body, headers = codec.encode_v2_request(rows, binary=binary)
-        header_length = headers.get(codec.BINARY_HEADER)
+        body, headers = v2.encode_request(rows, binary=binary)
+        header_length = headers.get(oip_v2.BINARY_HEADER)
     else:
         body, header_length = triton_request(rows, binary=binary)
     assert (header_length is not None) is binary
-    decoded = codec.decode_v2(body, header_length)
+    decoded = oip_v2.decode_request(body, header_length)
     assert decoded.rows.dtype == rows.dtype
     assert np.array_equal(decoded.rows, rows)
 
@@ -375,19 +379,19 @@ def test_tritonclient_request_options(binary: bool) -> None:
     rows = sample("FP32", (2, 4))
     # No outputs named: tritonclient asks for every output in binary (binary_data_output).
     body, header_length = triton_request(rows, binary=binary, request_id="req-9")
-    decoded = codec.decode_v2(body, header_length)
+    decoded = oip_v2.decode_request(body, header_length)
     assert (decoded.input_name, decoded.id, decoded.outputs, decoded.binary_default) == ("input-0", "req-9", None, True)
     outputs = [triton.InferRequestedOutput("predict", binary_data=False), triton.InferRequestedOutput("predict_proba")]
     body, header_length = triton_request(rows, binary=binary, outputs=outputs)
-    decoded = codec.decode_v2(body, header_length)
-    assert decoded.outputs == (codec.RequestedOutput("predict", False), codec.RequestedOutput("predict_proba", True))
+    decoded = oip_v2.decode_request(body, header_length)
+    assert decoded.outputs == (oip_v2.RequestedOutput("predict", False), oip_v2.RequestedOutput("predict_proba", True))
     assert decoded.binary_default is False and decoded.id is None
     assert np.array_equal(decoded.rows, rows)
 
 
 def read_response(body: bytes, header_length: int | None, decoder: str) -> dict[str, np.ndarray]:
     if decoder == "serve_app":
-        return codec.decode_v2_response(body, None if header_length is None else str(header_length))
+        return v2.decode_response(body, None if header_length is None else str(header_length))
     result = triton.InferenceServerClient.parse_response_body(body, header_length=header_length)
     return {output["name"]: result.as_numpy(output["name"]) for output in result.get_response()["outputs"]}
 
@@ -398,7 +402,7 @@ def read_response(body: bytes, header_length: int | None, decoder: str) -> dict[
 def test_response_round_trip(datatype: str, binary: bool, decoder: str) -> None:
     first, second = sample(datatype, (5,), seed=1), sample(datatype, (5, 3), seed=2)
     head = {"model_name": "iris", "model_version": "1", "id": "x"}
-    body, header_length = codec.encode_v2_response(head, [("predict", first, binary), ("predict_proba", second, binary)])
+    body, header_length = oip_v2.encode_response(head, [("predict", first, binary), ("predict_proba", second, binary)])
     assert (header_length is None) is not binary
     payload = orjson.loads(body[:header_length] if header_length else body)
     assert {k: payload[k] for k in head} == head
@@ -415,7 +419,7 @@ def test_response_round_trip(datatype: str, binary: bool, decoder: str) -> None:
 @pytest.mark.parametrize("decoder", ["serve_app", "tritonclient"])
 def test_response_mixes_json_and_binary_outputs(decoder: str) -> None:
     labels, proba = np.array([0, 2]), np.array([[0.75, 0.25, 0.0], [0.0, 0.5, 0.5]])
-    body, header_length = codec.encode_v2_response({}, [("predict", labels, False), ("predict_proba", proba, True)])
+    body, header_length = oip_v2.encode_response({}, [("predict", labels, False), ("predict_proba", proba, True)])
     assert header_length is not None and len(body) == header_length + proba.nbytes
     header = orjson.loads(body[:header_length])
     assert header["outputs"][0]["data"] == [0, 2]
@@ -426,7 +430,7 @@ def test_response_mixes_json_and_binary_outputs(decoder: str) -> None:
 
 def test_tritonclient_reads_nulls_and_string_labels() -> None:
     values = np.array([[np.nan, 0.5], [np.inf, -np.inf]])
-    body, header_length = codec.encode_v2_response({}, [("predict_proba", values, False), ("predict", np.array(["setosa", "virginica"]), True)])
+    body, header_length = oip_v2.encode_response({}, [("predict_proba", values, False), ("predict", np.array(["setosa", "virginica"]), True)])
     assert header_length is None  # strings are never raw bytes, so nothing here is binary
     outputs = read_response(body, header_length, "tritonclient")
     assert np.isnan(outputs["predict_proba"]).tolist() == [[True, False], [True, True]]
@@ -436,33 +440,33 @@ def test_tritonclient_reads_nulls_and_string_labels() -> None:
 
 def test_nan_in_outputs_serialises_as_null() -> None:
     values = np.array([[np.nan, 0.5], [np.inf, -np.inf]])
-    body, header_length = codec.encode_v2_response({}, [("predict_proba", values, False)])
+    body, header_length = oip_v2.encode_response({}, [("predict_proba", values, False)])
     assert header_length is None
     assert orjson.loads(body)["outputs"][0]["data"] == [None, 0.5, None, None]
     assert b"NaN" not in body and b"Infinity" not in body
-    decoded = codec.decode_v2_response(body, None)["predict_proba"]
+    decoded = v2.decode_response(body, None)["predict_proba"]
     assert np.isnan(decoded[0, 0]) and decoded[0, 1] == 0.5
-    assert codec.dumps({"x": float("nan"), "y": np.float32("nan")}) == b'{"x":null,"y":null}'
+    assert dumps({"x": float("nan"), "y": np.float32("nan")}) == b'{"x":null,"y":null}'
 
 
 def test_string_labels_serialise() -> None:
     # A classifier trained on string labels predicts a numpy str array.
     labels = np.array(["setosa", "virginica"])
-    assert codec.dumps({"predictions": labels}) == b'{"predictions":["setosa","virginica"]}'
-    body, header_length = codec.encode_v2_response({}, [("predict", labels, True)])
+    assert dumps({"predictions": labels}) == b'{"predictions":["setosa","virginica"]}'
+    body, header_length = oip_v2.encode_response({}, [("predict", labels, True)])
     assert header_length is None  # strings are never sent as raw bytes
     output = orjson.loads(body)["outputs"][0]
     assert (output["datatype"], output["data"]) == ("BYTES", ["setosa", "virginica"])
-    assert codec.dumps({"labels": labels.astype(object), "n": np.int64(3)}) == b'{"labels":["setosa","virginica"],"n":3}'
+    assert dumps({"labels": labels.astype(object), "n": np.int64(3)}) == b'{"labels":["setosa","virginica"],"n":3}'
 
 
 def test_datatype_of() -> None:
-    for name, dtype in codec.V2_DATATYPES.items():
-        assert codec.datatype_of(np.zeros(1, dtype=dtype)) == name
-    assert codec.datatype_of(np.array(["a"])) == "BYTES"
-    assert codec.datatype_of(np.array([b"a"])) == "BYTES"
+    for name, dtype in oip_v2.DATATYPES.items():
+        assert oip_v2.datatype_of(np.zeros(1, dtype=dtype)) == name
+    assert oip_v2.datatype_of(np.array(["a"])) == "BYTES"
+    assert oip_v2.datatype_of(np.array([b"a"])) == "BYTES"
     with pytest.raises(TypeError, match="no V2 datatype for numpy dtype complex128"):
-        codec.datatype_of(np.zeros(1, dtype=complex))
+        oip_v2.datatype_of(np.zeros(1, dtype=complex))
 
 
 # ---- content types --------------------------------------------------------------------------
@@ -474,7 +478,7 @@ def test_datatype_of() -> None:
      "application/x-www-form-urlencoded", "text/plain", "text/plain;charset=UTF-8", "application/vnd.api+json", "*/*"],
 )
 def test_json_content_types_accepted(content_type: str | None) -> None:
-    codec.check_json_content_type(content_type)
+    check_json_content_type(content_type)
 
 
 @pytest.mark.parametrize(
@@ -483,6 +487,56 @@ def test_json_content_types_accepted(content_type: str | None) -> None:
      ("text/csv", "'text/csv'"), ("application/octet-stream", "'application/octet-stream'")],
 )
 def test_other_content_types_are_415(content_type: str, shown: str) -> None:
-    raises(UnsupportedMediaType, lambda: codec.check_json_content_type(content_type),
+    raises(UnsupportedMediaType, lambda: check_json_content_type(content_type),
            f"unsupported Content-Type {shown}", "'Content-Type: application/json'")
 
+
+
+# ---- binary tensors are copied at most once -----------------------------------------------------
+
+BIG = np.random.default_rng(3).normal(size=(50_000, 4))  # 1.6 MB of FP64
+
+
+def peak_allocated(call: Callable[[], Any]) -> tuple[Any, int]:
+    """What `call` returns, and the most memory it held at once (numpy reports to tracemalloc)."""
+    tracemalloc.start()
+    try:
+        result = call()
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_binary_request_tensor_is_read_in_place() -> None:
+    body, header_length = binary_request(BIG)
+    decoded, peak = peak_allocated(lambda: oip_v2.decode_request(body, header_length))
+    assert np.shares_memory(decoded.rows, np.frombuffer(body, np.uint8))
+    assert np.array_equal(decoded.rows, BIG) and not decoded.rows.flags.writeable
+    assert peak < BIG.nbytes / 10, f"decoding allocated {peak} bytes for a {BIG.nbytes}-byte tensor"
+
+
+def test_binary_response_copies_each_tensor_once() -> None:
+    labels, proba = BIG[:, 0].astype(np.int64), BIG[:, :3].copy()
+    (body, header_length), peak = peak_allocated(
+        lambda: oip_v2.encode_response({}, [("predict", labels, True), ("predict_proba", proba, True)])
+    )
+    size = len(body) - header_length
+    assert size == 8 * len(BIG) + proba.nbytes
+    assert peak < 1.2 * size, f"encoding {size} bytes of tensors allocated {peak} at once"
+    assert np.array_equal(v2.decode_response(body, str(header_length))["predict_proba"], proba)
+
+
+def test_client_binary_request_copies_the_tensor_once() -> None:
+    (body, headers), peak = peak_allocated(lambda: v2.encode_request(BIG, binary=True))
+    assert len(body) == int(headers[oip_v2.BINARY_HEADER]) + BIG.nbytes
+    assert peak < 1.2 * BIG.nbytes, f"encoding a {BIG.nbytes}-byte tensor allocated {peak} at once"
+
+
+def test_v2_json_floats_up_to_the_datatype_range() -> None:
+    # Values that round to the largest FP16/FP32 number are in range; beyond it they are refused.
+    fp32_max = float(np.finfo(np.float32).max)
+    rows = oip_v2.decode_request(v2_body({"datatype": "FP32", "data": [fp32_max, -fp32_max, 1, 2]})).rows
+    assert rows.tolist() == [[fp32_max, -fp32_max, 1, 2]]
+    assert oip_v2.decode_request(v2_body({"datatype": "FP16", "data": [65519, 1, 2, 3]})).rows[0, 0] == 65504
+    raises(InvalidInput, lambda: oip_v2.decode_request(v2_body({"datatype": "FP16", "data": [65520, 1, 2, 3]})),
+           "too large for datatype FP16")

@@ -11,6 +11,7 @@ from serve_app.model.manifest import Manifest
 from serve_app.monitoring.drift import DriftReference, RowWindow, Thresholds, WindowCounts, score
 from serve_app.model.store import ModelStore
 from serve_app.model.training import train
+from serve_app.settings import MonitoringSettings
 
 IRIS = load_iris().data
 
@@ -27,8 +28,11 @@ def reference(manifest: Manifest) -> DriftReference:
     return found
 
 
+THRESHOLDS = Thresholds.from_settings(MonitoringSettings().model_dump())
+
+
 def _scores(reference: DriftReference, rows: np.ndarray) -> dict:
-    return score(reference, WindowCounts.of(reference, rows), Thresholds())
+    return score(reference, WindowCounts.of(reference, rows), THRESHOLDS)
 
 
 def test_in_distribution_rows_are_ok(reference: DriftReference) -> None:
@@ -72,10 +76,10 @@ def test_counts_of_two_replicas_add_up_to_one_window(reference: DriftReference) 
     a, b = IRIS[rng.integers(0, 150, 400)] * 1.1, IRIS[rng.integers(0, 150, 300)]
     summed = WindowCounts.of(reference, a) + WindowCounts.of(reference, b)
     whole = WindowCounts.of(reference, np.concatenate([a, b]))
-    assert score(reference, summed, Thresholds()) == score(reference, whole, Thresholds())
+    assert score(reference, summed, THRESHOLDS) == score(reference, whole, THRESHOLDS)
     # And through the wire format the hub receives.
     wired = WindowCounts.from_wire(WindowCounts.of(reference, a).to_wire()) + WindowCounts.of(reference, b)
-    assert score(reference, wired, Thresholds()) == score(reference, whole, Thresholds())
+    assert score(reference, wired, THRESHOLDS) == score(reference, whole, THRESHOLDS)
 
 
 def test_row_window_keeps_the_most_recent_rows() -> None:

@@ -18,9 +18,11 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", StarletteDeprecationWarning)
     from starlette.testclient import TestClient
 
-from serve_app.protocol import codec
+from serve_app.client import v2
+from serve_app.protocol import oip_v2
 from serve_app.serving.http.app import build_http_app
 from serve_app.model.predictor import PREDICT, Predictor
+from serve_app.serving.ledger import RequestLedger, RequestRecord
 from serve_app.serving.versions import ModelVersions
 from serve_app.settings import AppSettings
 from serve_app.model.store import ModelStore
@@ -39,15 +41,18 @@ class Result:
 
 
 class FakeBackend:
-    """What ModelServer gives the routes (settings, service, infer, status), minus Ray and batching."""
+    """What ModelServer gives the routes (settings, versions, ledger, infer, status), minus Ray and batching."""
 
     def __init__(self, service: ModelVersions) -> None:
         self.settings = service.settings
         self.versions = service
+        self.ledger = RequestLedger()
+        self.monitor = None
         self.calls: list[tuple[tuple[int, ...], tuple[str, ...], str | None, str | None]] = []
         self.fail_with: Exception | None = None
 
-    async def infer(self, predictor: Predictor, rows: Any, outputs: Sequence[str] = (PREDICT,)) -> Result:
+    async def infer(self, predictor: Predictor, rows: Any, outputs: Sequence[str] = (PREDICT,),
+                    request: RequestRecord | None = None) -> Result:
         if self.fail_with is not None:
             raise self.fail_with
         outputs = tuple(outputs)
@@ -119,7 +124,7 @@ def assert_error(reply: Any, status: int, *fragments: str) -> None:
     assert "Traceback" not in reply.text
 
 
-# ---- the seed's /predict --------------------------------------------------------------------
+# ---- the /predict JSON API --------------------------------------------------------------------
 
 
 def test_predict_single_row(client: TestClient) -> None:
@@ -233,13 +238,13 @@ def test_v2_model_metadata_and_ready(client: TestClient, backend: FakeBackend) -
 
 
 def test_v2_infer_json_all_outputs_by_default(client: TestClient, expected: dict[str, Any]) -> None:
-    body, headers = codec.encode_v2_request(np.array(IRIS_ROWS), binary=False)
+    body, headers = v2.encode_request(np.array(IRIS_ROWS), binary=False)
     reply = client.post("/v2/models/iris/infer", content=body, headers=headers)
     assert reply.status_code == 200, reply.text
     assert reply.headers["content-type"] == "application/json"
     payload = reply.json()
     assert (payload["model_name"], payload["model_version"]) == ("iris", "1")
-    outputs = codec.decode_v2_response(reply.content, None)
+    outputs = v2.decode_response(reply.content, None)
     assert list(outputs) == ["predict", "predict_proba"]
     assert np.array_equal(outputs["predict"], expected["1"]["predict"])
     assert np.array_equal(outputs["predict_proba"], expected["1"]["predict_proba"])
@@ -247,15 +252,15 @@ def test_v2_infer_json_all_outputs_by_default(client: TestClient, expected: dict
 
 @pytest.mark.parametrize("binary_outputs", [False, True])
 def test_v2_infer_binary(client: TestClient, expected: dict[str, Any], binary_outputs: bool) -> None:
-    body, headers = codec.encode_v2_request(np.array(IRIS_ROWS), binary=True, outputs=["predict_proba"],
+    body, headers = v2.encode_request(np.array(IRIS_ROWS), binary=True, outputs=["predict_proba"],
                                             binary_outputs=binary_outputs)
     reply = client.post("/v2/models/iris/versions/2/infer", content=body, headers=headers)
     assert reply.status_code == 200, reply.text
     assert reply.headers["x-model-version"] == "2"
-    header_length = reply.headers.get(codec.BINARY_HEADER)
+    header_length = reply.headers.get(oip_v2.BINARY_HEADER)
     assert (header_length is not None) is binary_outputs
-    assert reply.headers["content-type"] == (codec.BINARY_CONTENT_TYPE if binary_outputs else "application/json")
-    outputs = codec.decode_v2_response(reply.content, header_length)
+    assert reply.headers["content-type"] == (oip_v2.BINARY_CONTENT_TYPE if binary_outputs else "application/json")
+    outputs = v2.decode_response(reply.content, header_length)
     assert list(outputs) == ["predict_proba"]
     assert np.array_equal(outputs["predict_proba"], expected["2"]["predict_proba"])
 
@@ -289,7 +294,7 @@ def test_v2_infer_echoes_the_id(client: TestClient) -> None:
 def test_v2_infer_errors(client: TestClient, path: str, body: bytes, header: str | None, status: int, fragments: list[str]) -> None:
     headers = {"content-type": "application/json"}
     if header is not None:
-        headers = {"content-type": codec.BINARY_CONTENT_TYPE, codec.BINARY_HEADER: header}
+        headers = {"content-type": oip_v2.BINARY_CONTENT_TYPE, oip_v2.BINARY_HEADER: header}
     assert_error(client.post(path, content=body, headers=headers), status, *fragments)
 
 
@@ -405,7 +410,7 @@ def test_body_over_the_limit_by_content_length(client: TestClient, backend: Fake
     assert len(body) > LIMIT
     assert_error(client.post("/predict", content=body, headers={"content-type": "application/json"}), 413,
                  f"request body is {len(body)} bytes; the limit is {LIMIT} bytes")
-    binary, headers = codec.encode_v2_request(np.ones((200, 4)), binary=True)
+    binary, headers = v2.encode_request(np.ones((200, 4)), binary=True)
     assert_error(client.post("/v2/models/iris/infer", content=binary, headers=headers), 413, f"the limit is {LIMIT} bytes")
     assert backend.calls == []
 
@@ -478,7 +483,7 @@ def test_a_bug_is_a_500_without_details(client: TestClient, backend: FakeBackend
         reply = client.post(path, json=payload)
         assert_error(reply, 500, "internal error; the server log has the details")
         assert "secret" not in reply.text and "ZeroDivisionError" not in reply.text
-    body, headers = codec.encode_v2_request(np.array(IRIS_ROWS), binary=True)
+    body, headers = v2.encode_request(np.array(IRIS_ROWS), binary=True)
     reply = client.post("/v2/models/iris/infer", content=body, headers=headers)
     assert_error(reply, 500, "internal error")
     # The details go to the log instead.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from serve_app.monitoring.hub import MonitorHub
 from serve_app.monitoring.monitor import LocalHub, Monitor
 from serve_app.monitoring.predlog import PredictionLog
 from serve_app.serving.http.monitoring import decode_feedback
+from serve_app.serving.ledger import ModelCall, Prediction, RequestRecord
 from serve_app.model.predictor import Predictor
 from serve_app.settings import AppSettings, MonitoringSettings
 from serve_app.model.store import ModelStore
@@ -57,17 +59,15 @@ def make(settings: MonitoringSettings, store: ModelStore, recorders: dict[str, R
 
 
 def predict(monitor: Monitor, predictor: Predictor, rows: list[list[float]], request_id: str) -> np.ndarray:
-    import ray.serve.context as context
-
+    """What a replica's ledger hands its monitor for one /predict: its prediction (answered
+    2 ms after the request arrived), the model call, then the finished request (3 ms)."""
     array = predictor.validate(rows)
     outputs = {"predict": predictor.predict(array)}
-    token = context._serve_request_context.set(context._RequestContext(request_id=request_id))
-    try:
-        monitor.observe(predictor, array, outputs, 0.002)
-    finally:
-        context._serve_request_context.reset(token)
-    monitor.observe_batch(predictor, len(array), 0.001)
-    monitor.observe_http("/predict", predictor.name, predictor.version, 200, 0.003)
+    request = RequestRecord("/predict", predictor.name, predictor.version, request_id=request_id)
+    monitor.put(Prediction(request, predictor, array, outputs, at=request.started + 0.002, ts=time.time()))
+    monitor.put(ModelCall(predictor.name, predictor.version, 1, len(array), 0.001))
+    request.status, request.rows, request.latency_s = 200, len(array), 0.003
+    monitor.put(request)
     return outputs["predict"]
 
 
@@ -75,7 +75,7 @@ def test_metrics_log_and_feedback_accuracy(tmp_path: Path, iris_store: ModelStor
     settings = MonitoringSettings(log_dir=str(tmp_path / "log"))
     monitor, hub = make(settings, iris_store, recorders)
     labels = {f"req-{i}": predict(monitor, predictor, [row], f"req-{i}")[0] for i, row in enumerate(IRIS_ROWS * 4)}
-    monitor.observe_http("/predict", "iris", "", 422, 0.0005)  # a request that failed validation
+    monitor.put(RequestRecord("/predict", "iris", "1", status=422, latency_s=0.0005))  # one that failed validation
     monitor.flush()
 
     assert recorders[m.REQUESTS].total(route="/predict", status="200", version="1") == 12
@@ -130,7 +130,7 @@ def test_sampling_rate_and_no_log_without_a_directory(tmp_path: Path, iris_store
 def test_full_queue_drops_and_counts(iris_store: ModelStore, predictor: Predictor, recorders: dict[str, Recorder]) -> None:
     monitor, hub = make(MonitoringSettings(queue_size=100), iris_store, recorders)
     for i in range(150):
-        monitor.observe_http("/predict", "iris", "1", 200, 0.001)
+        monitor.put(RequestRecord("/predict", "iris", "1", status=200, latency_s=0.001))
     assert monitor.dropped == 50
     monitor.flush()
     assert recorders[m.MONITOR_DROPPED].calls[-3:] == [(50, {"reason": "queue_full"}), (0, {"reason": "hub_busy"}), (0, {"reason": "log_error"})]

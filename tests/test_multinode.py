@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 import yaml
 
-from serve_app.protocol import codec
+from serve_app.protocol.json import dumps
 
 from serve_app.ops import control
 
@@ -216,7 +216,7 @@ class Load:
     def __init__(self, url: str, rows: list[list[float]] | None = None) -> None:
         self.url = url
         self.rows = rows or [IRIS_ROWS[0]]
-        self.body = codec.dumps({"features": self.rows})  # encoded once: the client stays cheap
+        self.body = dumps({"features": self.rows})  # encoded once: the client stays cheap
         self.concurrency = 0
         self.done = 0
         self.failed = 0

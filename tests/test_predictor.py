@@ -146,6 +146,30 @@ def test_too_many_rows_is_413(iris: Predictor) -> None:
     assert info.value.status_code == 413
 
 
+
+def test_validate_finds_non_finite_values_among_huge_ones(iris: Predictor) -> None:
+    # Huge finite values are valid features (their sum would overflow); NaN and inf are not.
+    huge = [[1e308, 1e308, -1e308, 1e308]]
+    assert iris.validate(huge).tolist() == huge
+    with pytest.raises(InvalidInput, match=r"row 1, feature 0 \(sepal length \(cm\)\) is nan"):
+        iris.validate([[1e308, 1e308, 1, 1], [float("nan"), 1, 1, 1]])
+    with pytest.raises(InvalidInput, match=r"row 0, feature 3 \(petal width \(cm\)\) is inf"):
+        iris.validate(np.array([[1, 2, 3, np.inf]], dtype=np.float32))
+
+
+def test_validate_copies_a_request_tensor_at_most_once(iris: Predictor) -> None:
+    # A binary V2 tensor arrives as a read-only view of the request body, at any offset.
+    rows = np.random.default_rng(0).normal(size=(40, 4))
+    body = b"{}" + rows.tobytes()
+    unaligned = np.frombuffer(body, np.float64, offset=2).reshape(40, 4)
+    aligned = np.frombuffer(rows.tobytes(), np.float64).reshape(40, 4)
+    assert not unaligned.flags.aligned and aligned.flags.aligned
+    assert iris.validate(aligned) is aligned  # already what the model reads: no copy
+    copied = iris.validate(unaligned)
+    assert copied.flags.aligned and copied.flags.c_contiguous and np.array_equal(copied, rows)
+    as_float32 = iris.validate(rows.astype(np.float32))
+    assert as_float32.dtype == np.float64 and as_float32.flags.aligned
+
 # ---- predictions: the LogisticRegression fast path is bit-identical to sklearn ----------------
 
 

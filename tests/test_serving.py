@@ -8,7 +8,8 @@ import httpx
 import numpy as np
 import pytest
 
-from serve_app.protocol import codec
+from serve_app.client import v2
+from serve_app.protocol import oip_v2
 from serve_app.model.predictor import Predictor
 
 from .conftest import IRIS_ROWS, app_config, wait_for
@@ -72,11 +73,11 @@ def test_kserve_v1(served: dict[str, Any], expected: dict[str, np.ndarray]) -> N
 def test_v2_json_all_outputs_by_default(served: dict[str, Any], datatype: str) -> None:
     # Values exact in every datatype, so the server's float64 view equals ours.
     exact = [[5.0, 3.5, 1.5, 0.25], [6.75, 3.0, 5.25, 2.25]] if datatype.startswith("FP") else [[5, 3, 1, 0], [7, 3, 5, 2]]
-    rows = np.array(exact, dtype=codec.V2_DATATYPES[datatype])
-    body, headers = codec.encode_v2_request(rows, binary=False)
+    rows = np.array(exact, dtype=oip_v2.DATATYPES[datatype])
+    body, headers = v2.encode_request(rows, binary=False)
     reply = httpx.post(f"{served['base_url']}/v2/models/iris/infer", content=body, headers=headers)
     assert reply.status_code == 200, reply.text
-    outputs = codec.decode_v2_response(reply.content, reply.headers.get(codec.BINARY_HEADER))
+    outputs = v2.decode_response(reply.content, reply.headers.get(oip_v2.BINARY_HEADER))
     model = Predictor.load(served["store"], "iris", "1").model
     as_float = rows.astype(np.float64)
     assert outputs["predict"].tolist() == model.predict(as_float).tolist()
@@ -86,12 +87,12 @@ def test_v2_json_all_outputs_by_default(served: dict[str, Any], datatype: str) -
 
 def test_v2_binary_inputs_and_outputs(served: dict[str, Any], expected: dict[str, np.ndarray]) -> None:
     rows = np.array(IRIS_ROWS, dtype=np.float32)
-    body, headers = codec.encode_v2_request(rows, binary=True, outputs=["predict_proba", "predict"], binary_outputs=True)
+    body, headers = v2.encode_request(rows, binary=True, outputs=["predict_proba", "predict"], binary_outputs=True)
     reply = httpx.post(f"{served['base_url']}/v2/models/iris/infer", content=body, headers=headers)
     assert reply.status_code == 200, reply.text
-    assert reply.headers["content-type"] == codec.BINARY_CONTENT_TYPE
-    assert int(reply.headers[codec.BINARY_HEADER]) < len(reply.content)
-    outputs = codec.decode_v2_response(reply.content, reply.headers[codec.BINARY_HEADER])
+    assert reply.headers["content-type"] == oip_v2.BINARY_CONTENT_TYPE
+    assert int(reply.headers[oip_v2.BINARY_HEADER]) < len(reply.content)
+    outputs = v2.decode_response(reply.content, reply.headers[oip_v2.BINARY_HEADER])
     model = Predictor.load(served["store"], "iris", "1").model
     assert outputs["predict"].tolist() == model.predict(rows.astype(np.float64)).tolist()
     np.testing.assert_array_equal(outputs["predict_proba"], model.predict_proba(rows.astype(np.float64)))
@@ -99,7 +100,7 @@ def test_v2_binary_inputs_and_outputs(served: dict[str, Any], expected: dict[str
 
 
 def test_v2_only_requested_output(served: dict[str, Any]) -> None:
-    body, headers = codec.encode_v2_request(np.array(IRIS_ROWS), binary=False, outputs=["predict"])
+    body, headers = v2.encode_request(np.array(IRIS_ROWS), binary=False, outputs=["predict"])
     reply = httpx.post(f"{served['base_url']}/v2/models/iris/infer", content=body, headers=headers)
     assert [o["name"] for o in reply.json()["outputs"]] == ["predict"]
 
@@ -108,12 +109,12 @@ def test_v2_specific_version_side_by_side(served: dict[str, Any]) -> None:
     store = served["store"]
     rows = np.array(IRIS_ROWS)
     for version in ("1", "2"):
-        body, headers = codec.encode_v2_request(rows, binary=True, outputs=["predict"])
+        body, headers = v2.encode_request(rows, binary=True, outputs=["predict"])
         reply = httpx.post(f"{served['base_url']}/v2/models/iris/versions/{version}/infer", content=body, headers=headers)
         assert reply.status_code == 200, reply.text
         assert reply.json()["model_version"] == version
         expected = Predictor.load(store, "iris", version).model.predict(rows)
-        assert codec.decode_v2_response(reply.content, None)["predict"].tolist() == expected.tolist()
+        assert v2.decode_response(reply.content, None)["predict"].tolist() == expected.tolist()
     # The seed route picks a version with a header.
     reply = httpx.post(f"{served['base_url']}/predict", json={"features": IRIS_ROWS[0]}, headers={"x-model-version": "2"})
     assert reply.json()["version"] == "2"
@@ -172,8 +173,9 @@ def test_handle_calls_skip_http(served: dict[str, Any], expected: dict[str, np.n
     assert handle.predict.remote(np.array(IRIS_ROWS)).result().tolist() == expected["predict"].tolist()
     assert handle.predict.remote(IRIS_ROWS[0]).result().tolist() == expected["predict"][:1].tolist()
     np.testing.assert_allclose(handle.predict_proba.remote(IRIS_ROWS).result(), expected["predict_proba"])
-    result = handle.infer.remote(IRIS_ROWS, ["predict"], "2").result()
-    assert result.version == "2"
+    # A named version answers (v2 is a random forest: its probabilities are not v1's).
+    v2 = Predictor.load(served["store"], "iris", "2")
+    np.testing.assert_allclose(handle.predict_proba.remote(IRIS_ROWS, "2").result(), v2.predict_proba(np.array(IRIS_ROWS)))
 
 
 def test_handle_errors_keep_their_status(served: dict[str, Any]) -> None:

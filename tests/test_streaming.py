@@ -21,7 +21,7 @@ import pytest
 
 from serve_app.errors import InvalidInput, PayloadTooLarge
 from serve_app.model.predictor import Predictor
-from serve_app.serving.http.streaming import decode_line, split_lines
+from serve_app.protocol.ndjson import decode_line, split_lines
 
 from .conftest import IRIS_ROWS
 
@@ -183,7 +183,7 @@ def test_stream_refuses_other_content_types(served: dict[str, Any]) -> None:
 
 @pytest.mark.ray
 def test_predict_iter_over_an_endless_generator(served: dict[str, Any]) -> None:
-    from serve_app.serving.http.streaming import predict_iter
+    from serve_app.client import predict_iter
 
     model = Predictor.load(served["store"], "iris", "production").model
     rng = np.random.default_rng(2)

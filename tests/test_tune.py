@@ -9,7 +9,6 @@ figures themselves are the tool's output, not the test's business.
 from __future__ import annotations
 
 import json
-import os
 import shlex
 from pathlib import Path
 from typing import Any
@@ -167,3 +166,13 @@ def test_tune_on_a_running_cluster_restores_its_config(tmp_path: Path, ray_sessi
         assert (status["max_batch_size"], status["batch_wait_timeout_s"]) == (77, 0.003)
     finally:
         ray_session.remove("tune_target")
+
+
+def test_tune_outside_a_checkout_says_it_needs_a_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from serve_app.ops.cli import main
+
+    argv = ["tune", "--slo-p99-ms", "10", "--config", str(tmp_path / "local.yaml"), "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert "no such file" in error and "checkout" in error
+    assert not (tmp_path / "out").exists()

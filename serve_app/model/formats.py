@@ -22,7 +22,7 @@ import pickle
 import pickletools
 import re
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any, Callable, ClassVar, Literal
 
 from serve_app.errors import ModelLoadError
 
@@ -247,7 +247,7 @@ class _Built:
         self.state: Any = None
 
 
-class _Dict(dict):  # type: ignore[type-arg]
+class _Dict(dict[Any, Any]):
     """A dict the scan tracks; `suspect` once a key could not be known or came twice."""
 
     suspect = False
@@ -376,12 +376,12 @@ def _scan_stream(handle: IO[bytes], where: str, found: set[str], budget: list[in
         elif op == "BUILD":
             state = stack.pop()
             target = stack[-1]
-            factory = target.factory.full if isinstance(target, _Built) and target.factory is not None else ""
+            built_by = target.factory.full if isinstance(target, _Built) and target.factory is not None else ""
             # An allowed class, joblib's array wrapper, or an ndarray from _reconstruct.
-            if not (factory in ALLOWED_CLASSES or factory == _JOBLIB_WRAPPER or factory.endswith("._reconstruct")):
+            if not (built_by in ALLOWED_CLASSES or built_by == _JOBLIB_WRAPPER or built_by.endswith("._reconstruct")):
                 raise UnsafeArtefact(f"{where}: BUILD on something that is not an allowed class; refusing it")
             target.state = state
-            if factory == _JOBLIB_WRAPPER:
+            if built_by == _JOBLIB_WRAPPER:
                 _skip_array(handle, state, where, found, budget)
                 stack[-1] = _Built(None, ())
         elif op in ("NONE", "NEWTRUE", "NEWFALSE"):
@@ -392,9 +392,7 @@ def _scan_stream(handle: IO[bytes], where: str, found: set[str], budget: list[in
             stack.append(tuple(_pop_mark(stack)))
         elif op in ("TUPLE1", "TUPLE2", "TUPLE3"):
             n = int(op[-1])
-            items = tuple(stack[-n:])
-            del stack[-n:]
-            stack.append(items)
+            stack[-n:] = [tuple(stack[-n:])]
         elif op == "EMPTY_LIST":
             stack.append([])
         elif op == "LIST":
@@ -430,11 +428,11 @@ def _scan_stream(handle: IO[bytes], where: str, found: set[str], budget: list[in
                 if op == "FROZENSET":
                     stack.append(_Built(None, ()))
         elif op in ("PUT", "BINPUT", "LONG_BINPUT"):
-            memo[int(arg)] = stack[-1]
+            memo[int(str(arg))] = stack[-1]
         elif op == "MEMOIZE":
             memo[len(memo)] = stack[-1]
         elif op in ("GET", "BINGET", "LONG_BINGET"):
-            stack.append(memo[int(arg)])
+            stack.append(memo[int(str(arg))])
         elif op == "POP":
             stack.pop()
         elif op == "POP_MARK":
@@ -530,10 +528,16 @@ def _checked_reconstruct(cls: Any, shape: Any, dtype_code: Any) -> Any:
     return _numpy_function("_reconstruct")(cls, shape, dtype_code)
 
 
-class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
+_PLAIN_BUILD: Callable[[Any], None] = pickle._Unpickler.dispatch[pickle.BUILD[0]]
+
+
+class _RestrictedUnpickler(pickle._Unpickler):
     """Python's own unpickler, but every global, call and state goes through the allow-list."""
 
-    dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
+    # The pure-Python unpickler's own state, which typeshed does not declare.
+    stack: list[Any]
+    append: Callable[[Any], None]
+    dispatch: ClassVar[dict[int, Callable[[Any], None]]] = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, handle: IO[bytes], where: str, depth: int = 0) -> None:
         super().__init__(handle)
@@ -613,7 +617,7 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc
         )
         if not allowed:
             raise UnsafeArtefact(f"{self.where}: BUILD on a {type(target).__name__}, which is not an allowed class")
-        super().load_build()
+        _PLAIN_BUILD(self)
 
     dispatch[pickle.BUILD[0]] = load_build
 

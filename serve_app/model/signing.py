@@ -162,7 +162,9 @@ def verify(document: bytes | None, name: str, version: str, keys: Mapping[str, A
             f"${TRUSTED_KEYS_ENV} to the publisher's public key, see serve-app keys show)"
         )
     try:
-        parsed = json.loads(document) if len(document) <= MAX_SIGNATURE_BYTES else None
+        if len(document) > MAX_SIGNATURE_BYTES:
+            raise ValueError("too large")
+        parsed = json.loads(document)
         payload, signature = parsed["payload"], base64.b64decode(parsed["signature"], validate=True)
         files = payload["files"]
         if not (isinstance(payload, dict) and isinstance(files, dict)
@@ -170,7 +172,7 @@ def verify(document: bytes | None, name: str, version: str, keys: Mapping[str, A
             raise TypeError("malformed payload")
     except Exception:
         raise SignatureError(f"{where} has an unreadable {SIGNATURE_FILENAME}; {how_to_sign(name, version)}") from None
-    key = keys.get(payload.get("key_id"))  # type: ignore[arg-type]
+    key = keys.get(str(payload.get("key_id")))
     if key is None:
         raise SignatureError(
             f"{where} is signed by key {str(payload.get('key_id'))[:16]!r}, which this process does not trust "

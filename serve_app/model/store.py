@@ -465,8 +465,3 @@ class ModelStore:
         line = json.dumps({"at": _now(), "by": _whoami(), **entry}, sort_keys=True)
         with open(self.model_dir(name) / HISTORY_FILENAME, "a") as handle:
             handle.write(line + "\n")
-
-    def iter_manifests(self) -> Iterator[Manifest]:
-        for name in self.names():
-            for version in self.versions(name):
-                yield self.manifest(name, version)

@@ -17,7 +17,6 @@ from serve_app.model.store import ModelStore
 
 DEFAULT_MODEL_NAME = "iris"
 DEFAULT_DATASET = "iris"
-DEFAULT_ESTIMATOR = "logistic_regression"
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """Monitoring: Prometheus metrics, the prediction log, live accuracy and data drift.
 
-monitor.py is what a replica runs (the request path only appends to a deque), hub.py the
-per-application actor that joins feedback and sums drift and traffic over replicas,
-drift.py the PSI/KS arithmetic, predlog.py the JSON-lines log, metrics.py the metric
-names, routes.py the HTTP endpoints.
+monitor.py is what a replica runs (it drains the records of the replica's ledger,
+serving/ledger.py, on its own thread), hub.py the per-application actor that joins
+feedback and sums drift and traffic over replicas, drift.py the PSI/KS arithmetic,
+predlog.py the JSON-lines log, metrics.py the metric names, dashboard.py the HTML page.
+The HTTP endpoints are in serving/http/monitoring.py.
 """
 
 from __future__ import annotations

@@ -28,11 +28,22 @@ PSI_EPSILON = 1e-4
 
 @dataclass(frozen=True)
 class Thresholds:
-    psi_warning: float = 0.1
-    psi_drift: float = 0.25
-    ks_warning: float = 0.15
-    ks_drift: float = 0.3
-    min_rows: int = 100
+    """Where drift starts. The values and their defaults live in one place, the monitoring
+    settings (settings.py `MonitoringSettings`); `from_settings` reads them."""
+
+    psi_warning: float
+    psi_drift: float
+    ks_warning: float
+    ks_drift: float
+    min_rows: int
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> "Thresholds":
+        """From `MonitoringSettings.model_dump()` (what the hub is configured with)."""
+        return cls(
+            psi_warning=settings["psi_warning"], psi_drift=settings["psi_drift"],
+            ks_warning=settings["ks_warning"], ks_drift=settings["ks_drift"], min_rows=settings["drift_min_rows"],
+        )
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The monitor hub: one small Ray actor per application that every replica reports to.
+"""The monitor hub: one small Ray actor per application that every replica sends updates to.
 
 Why one actor: feedback for a request may reach any replica, usually not the one that
 answered it, and drift and traffic are only meaningful over all replicas. So replicas
@@ -9,14 +9,15 @@ sends this actor (fire-and-forget, batched) what happened since the last send:
   bounded LRU so `POST /feedback` on any replica can score them (feedback that arrives
   before its prediction's batch waits here, bounded and for `PENDING_TTL_S`);
 - each replica's drift window summary (additive counts, see drift.py), replaced on
-  every send and forgotten when the replica stops reporting;
-- traffic: request counts, a latency histogram and predicted classes, kept in time
-  buckets for `/v2/models/{name}/monitoring` and `serve-app report`.
+  every update and forgotten when the replica stops sending them;
+- traffic: request counts, a latency histogram and predicted classes (derived from the
+  replica's request records, serving/ledger.py), kept in time buckets for
+  `/v2/models/{name}/monitoring` and `serve-app report`.
 
 The alternative, broadcasting feedback to every replica, costs N calls per label and
 still needs a place to sum accuracy. The actor is detached (it outlives any one replica,
 so a rolling restart keeps the accuracy window) and ends itself after `IDLE_EXIT_S`
-without reports, so a deleted application does not leave it behind.
+without updates, so a deleted application does not leave it behind.
 """
 
 from __future__ import annotations
@@ -93,20 +94,14 @@ class MonitorHub:
 
     def configure(self, settings: Mapping[str, Any]) -> None:
         self.settings = dict(settings)
-        self.thresholds = Thresholds(
-            psi_warning=settings["psi_warning"], psi_drift=settings["psi_drift"],
-            ks_warning=settings["ks_warning"], ks_drift=settings["ks_drift"], min_rows=settings["drift_min_rows"],
-        )
+        self.thresholds = Thresholds.from_settings(settings)
         self.capacity = int(settings["feedback_capacity"])
         self.accuracy_window = int(settings["accuracy_window"])
-        # A replica that has not reported for this long is gone (or stuck): ignore its window.
+        # A replica that has sent no update for this long is gone (or stuck): ignore its window.
         self.stale_after_s = max(10.0, 10 * float(settings["flush_interval_s"]))
 
-    def ping(self) -> bool:
-        return True
-
     def start_idle_watch(self, idle_exit_s: float = IDLE_EXIT_S) -> None:
-        """In the actor: end it after `idle_exit_s` without a report from any replica."""
+        """In the actor: end it after `idle_exit_s` without an update from any replica."""
         import ray
 
         me = ray.get_runtime_context().current_actor
@@ -115,19 +110,19 @@ class MonitorHub:
             while True:
                 time.sleep(min(30.0, idle_exit_s / 4))
                 if time.monotonic() - self.last_seen > idle_exit_s:
-                    logger.info("monitor hub %s: no replica reported for %.0fs; exiting", self.app, idle_exit_s)
+                    logger.info("monitor hub %s: no replica sent an update for %.0fs; exiting", self.app, idle_exit_s)
                     ray.kill(me)
                     return
 
         threading.Thread(target=watch, name="hub-idle-watch", daemon=True).start()
 
-    # ---- reports from replicas -----------------------------------------------------
+    # ---- updates from replicas -----------------------------------------------------
 
-    def ingest(self, replica: str, report: Mapping[str, Any]) -> None:
+    def ingest(self, replica: str, update: Mapping[str, Any]) -> None:
         now = time.monotonic()
         self.last_seen = now
         scored: set[tuple[str, str]] = set()
-        for request_id, model, version, labels in report.get("predictions", ()):
+        for request_id, model, version, labels in update.get("predictions", ()):
             if not request_id:
                 continue
             self._predictions[request_id] = (model, version, labels)
@@ -143,13 +138,13 @@ class MonitorHub:
             self._predictions.popitem(last=False)
         self._expire_pending(now)
 
-        if "drift" in report:
-            windows = {(model, version): counts for model, version, counts in report["drift"]}
+        if "drift" in update:
+            windows = {(model, version): counts for model, version, counts in update["drift"]}
             self._drift[replica] = (now, windows)
-        traffic = report.get("traffic")
+        traffic = update.get("traffic")
         if traffic:
             self._add_traffic(traffic)
-        for reason, count in (report.get("dropped") or {}).items():
+        for reason, count in (update.get("dropped") or {}).items():
             self._dropped[reason] = self._dropped.get(reason, 0) + int(count)
         if self.emit_metrics:
             self._emit_accuracy(scored)
@@ -323,7 +318,7 @@ class MonitorHub:
                 gauges[m.DRIFT_KS].set(result["ks"], tags=feature_tags)
                 gauges[m.DRIFT_STATUS].set(m.DRIFT_STATUS_VALUES[result["status"]], tags=feature_tags)
 
-    # ---- everything, for the report --------------------------------------------------
+    # ---- everything, for /v2/models/{name}/monitoring and `serve-app report` ---------
 
     def summary(self, model: str) -> dict[str, Any]:
         series = []

@@ -7,15 +7,17 @@ name with `ray_` and counters get `_total`, so `serve_app_requests` is scraped a
 `deployment` and `replica` tags; the hub's (drift, accuracy) are one series per model.
 
 Metric objects are created once per process (Ray registers a name once) and recorded
-from the monitor thread, never per request on the event loop.
+from the monitor thread, never per request on the event loop: the replica's metrics are
+derived from the request records of its ledger (serving/ledger.py).
 """
 
 from __future__ import annotations
 
+import importlib
 from functools import lru_cache
 from typing import Any
 
-# Names as defined here; PROMETHEUS_NAMES below is how they appear when scraped.
+# Names as defined here; scraped, they are prefixed `ray_` (and counters end `_total`).
 REQUESTS = "serve_app_requests"
 REQUEST_LATENCY = "serve_app_request_latency_ms"
 MODEL_LATENCY = "serve_app_model_latency_ms"
@@ -32,24 +34,21 @@ ACCURACY = "serve_app_live_accuracy"
 ACCURACY_LABELS = "serve_app_live_accuracy_labels"
 FEEDBACK = "serve_app_feedback"
 
-COUNTERS = (REQUESTS, ROWS_PREDICTED, PREDICTED_CLASSES, LOG_LINES, FEEDBACK)
-HISTOGRAMS = (REQUEST_LATENCY, MODEL_LATENCY, BATCH_ROWS)
-GAUGES = (MONITOR_DROPPED, DRIFT_PSI, DRIFT_KS, DRIFT_STATUS, DRIFT_ROWS, ACCURACY, ACCURACY_LABELS)
-
-
-def prometheus_name(name: str) -> str:
-    return f"ray_{name}_total" if name in COUNTERS else f"ray_{name}"
-
 
 LATENCY_BOUNDARIES_MS = [0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 25, 50, 100, 250, 500, 1000, 2500, 10000]
 BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384]
 DRIFT_STATUS_VALUES = {"insufficient_data": -1, "ok": 0, "warning": 1, "drift": 2}
 
 
+def _metric_classes(module: str) -> Any:
+    # Ray annotates `tag_keys` as a 1-tuple (`Tuple[str]`); ours have several keys.
+    return importlib.import_module(module)
+
+
 @lru_cache(maxsize=None)
 def replica_metrics() -> dict[str, Any]:
-    from ray.serve.metrics import Counter, Gauge, Histogram
-
+    ray_metrics = _metric_classes("ray.serve.metrics")
+    Counter, Gauge, Histogram = ray_metrics.Counter, ray_metrics.Gauge, ray_metrics.Histogram
     return {
         REQUESTS: Counter(REQUESTS, description="HTTP requests answered by the replica, by route, model, version and status.", tag_keys=("route", "model", "version", "status")),
         REQUEST_LATENCY: Histogram(REQUEST_LATENCY, description="Time in the replica from request to response (decode, batch wait, predict, encode).", boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("route", "model", "version")),
@@ -57,15 +56,15 @@ def replica_metrics() -> dict[str, Any]:
         BATCH_ROWS: Histogram(BATCH_ROWS, description="Rows per model call (requests batched together).", boundaries=BATCH_BOUNDARIES, tag_keys=("model", "version")),
         ROWS_PREDICTED: Counter(ROWS_PREDICTED, description="Rows predicted.", tag_keys=("model", "version")),
         PREDICTED_CLASSES: Counter(PREDICTED_CLASSES, description="Predicted labels, by class.", tag_keys=("model", "version", "class")),
-        MONITOR_DROPPED: Gauge(MONITOR_DROPPED, description="Records this replica's monitor dropped since it started: queue_full (requests not monitored), hub_busy (reports not sent), log_error (log lines not written). A gauge so it is exported at 0 too.", tag_keys=("reason",)),
+        MONITOR_DROPPED: Gauge(MONITOR_DROPPED, description="Records this replica's monitor dropped since it started: queue_full (requests not monitored), hub_busy (updates to the hub not sent), log_error (log lines not written). A gauge so it is exported at 0 too.", tag_keys=("reason",)),
         LOG_LINES: Counter(LOG_LINES, description="Lines written to the prediction log."),
     }
 
 
 @lru_cache(maxsize=None)
 def hub_metrics() -> dict[str, Any]:
-    from ray.util.metrics import Counter, Gauge
-
+    ray_metrics = _metric_classes("ray.util.metrics")
+    Counter, Gauge = ray_metrics.Counter, ray_metrics.Gauge
     tags = ("app", "model", "version")
     return {
         DRIFT_PSI: Gauge(DRIFT_PSI, description="Population stability index of recent inputs vs training, per feature.", tag_keys=(*tags, "feature")),

@@ -1,18 +1,20 @@
-"""The replica's monitor: the request path appends one tuple, a thread does the rest.
+"""The replica's monitor: the request path appends one record, a thread does the rest.
 
-`observe_http` (every answered HTTP request, any status), `observe` (every prediction)
-and `observe_batch` (every model call) only append to a bounded deque: no locks, no I/O,
-no metric calls on the event loop. Every `flush_interval_s` the monitor thread drains
-the deque and
+The replica's ledger (serving/ledger.py) hands it each `RequestRecord` (one per request,
+any status), `Prediction` (the rows and outputs of a model answer) and `ModelCall` (one
+model call on a batch); `put` only appends to a bounded deque: no locks, no I/O, no
+metric calls on the event loop. Every `flush_interval_s` the monitor thread drains the
+deque and
 
 - records the Prometheus metrics (counters summed per flush, histograms per value),
 - writes sampled predictions to the prediction log,
 - adds the inputs to this replica's drift windows,
-- sends the hub (see hub.py) join records, window counts and traffic, fire-and-forget.
+- sends the hub (see hub.py) an update: join records, window counts and traffic,
+  fire-and-forget.
 
 When the deque is full a record is dropped and counted, never waited for. `close()`
 (from the deployment's `__del__`, which Ray Serve calls on graceful shutdown) drains
-what is left, fsyncs the log and sends the last report.
+what is left, fsyncs the log and sends the last update.
 """
 
 from __future__ import annotations
@@ -20,9 +22,8 @@ from __future__ import annotations
 import logging
 import random
 import threading
-import time
 from collections import deque
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Mapping, Protocol
 
 import numpy as np
 
@@ -31,19 +32,19 @@ from serve_app.monitoring.drift import DriftReference, RowWindow, WindowCounts
 from serve_app.monitoring.hub import TRAFFIC_LATENCY_EDGES_MS, MonitorHub
 from serve_app.monitoring.predlog import PredictionLog, encode
 from serve_app.model.predictor import PREDICT, PREDICT_PROBA, Predictor
+from serve_app.serving.ledger import ModelCall, Prediction, Record, RequestRecord
 from serve_app.settings import MonitoringSettings
 
 logger = logging.getLogger("ray.serve")
 
-HTTP, INFER, BATCH = 0, 1, 2
-MAX_INFLIGHT_REPORTS = 4
-# While the hub is behind, reports are merged and held; past this many join records the
-# held report is dropped (and counted as hub_busy) rather than grow without bound.
+MAX_INFLIGHT_UPDATES = 4
+# While the hub is behind, updates are merged and held; past this many join records the
+# held update is dropped (and counted as hub_busy) rather than grow without bound.
 MAX_HELD_PREDICTIONS = 200_000
 
 
-def merge_reports(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
-    """One report saying what both say (drift counts are a state: the newest wins)."""
+def merge_updates(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """One update saying what both say (drift counts are a state: the newest wins)."""
     merged = dict(new)
     merged["predictions"] = [*old.get("predictions", ()), *new.get("predictions", ())]
     a, b = old.get("traffic") or {}, new.get("traffic") or {}
@@ -60,18 +61,8 @@ def merge_reports(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, A
     return merged
 
 
-def current_request_id() -> str:
-    """Ray Serve's id of the request being served (the x-request-id header, or one it made)."""
-    try:
-        from ray.serve.context import _get_serve_request_context  # private; no public accessor in 2.60
-
-        return _get_serve_request_context().request_id
-    except Exception:  # pragma: no cover - outside Ray Serve
-        return ""
-
-
 class HubLink(Protocol):
-    def send(self, replica: str, report: Mapping[str, Any]) -> bool: ...
+    def send(self, replica: str, update: Mapping[str, Any]) -> bool: ...
 
     async def call(self, method: str, *args: Any) -> Any: ...
 
@@ -82,8 +73,8 @@ class LocalHub:
     def __init__(self, hub: MonitorHub) -> None:
         self.hub = hub
 
-    def send(self, replica: str, report: Mapping[str, Any]) -> bool:
-        self.hub.ingest(replica, report)
+    def send(self, replica: str, update: Mapping[str, Any]) -> bool:
+        self.hub.ingest(replica, update)
         return True
 
     async def call(self, method: str, *args: Any) -> Any:
@@ -109,9 +100,10 @@ class RayHub:
             name=hub_name(self.app), namespace=HUB_NAMESPACE, lifetime="detached",
             get_if_exists=True, num_cpus=0, max_restarts=0,
         )
-        self.handle = actor.remote(self.app, self.store, self.settings)
-        self.handle.configure.remote(self.settings)
-        self.handle.start_idle_watch.remote()
+        handle: Any = actor.remote(self.app, self.store, self.settings)
+        handle.configure.remote(self.settings)
+        handle.start_idle_watch.remote()
+        self.handle = handle
 
     def _reconnect_if_dead(self) -> None:
         import ray
@@ -128,22 +120,22 @@ class RayHub:
                 self._connect()
                 return
             except Exception:
-                logger.exception("monitor hub rejected a report")
+                logger.exception("monitor hub rejected an update")
 
-    def send(self, replica: str, report: Mapping[str, Any]) -> bool:
+    def send(self, replica: str, update: Mapping[str, Any]) -> bool:
         with self._lock:
             if self._inflight:
                 self._reconnect_if_dead()
             if self._held is not None:
-                report = merge_reports(self._held, report)
+                update = merge_updates(self._held, update)
                 self._held = None
-            if len(self._inflight) >= MAX_INFLIGHT_REPORTS:
-                # The hub is behind: hold this report and send it with the next one.
-                if len(report["predictions"]) > MAX_HELD_PREDICTIONS:
+            if len(self._inflight) >= MAX_INFLIGHT_UPDATES:
+                # The hub is behind: hold this update and send it with the next one.
+                if len(update["predictions"]) > MAX_HELD_PREDICTIONS:
                     return False  # dropped and counted rather than held without bound
-                self._held = dict(report)
+                self._held = dict(update)
                 return True
-            self._inflight.append(self.handle.ingest.remote(replica, report))
+            self._inflight.append(self.handle.ingest.remote(replica, update))
             return True
 
     async def call(self, method: str, *args: Any) -> Any:
@@ -175,15 +167,13 @@ class Monitor:
         replica: str,
         hub: HubLink | None,
         metrics: Mapping[str, Any] | None = None,
-        clock: Callable[[], float] = time.time,
         start: bool = True,
     ) -> None:
         self.settings = settings
         self.replica = replica
         self.hub = hub
-        self.clock = clock
         self._metrics = metrics if metrics is not None else m.replica_metrics()
-        self._queue: deque[tuple[Any, ...]] = deque()
+        self._queue: deque[Record] = deque()
         self._capacity = settings.queue_size
         self._rate = settings.log_sample_rate
         self.log = (
@@ -194,8 +184,8 @@ class Monitor:
         self._windows: dict[tuple[str, str], tuple[DriftReference, RowWindow]] = {}
         self._no_reference: set[tuple[str, str]] = set()
         self.dropped = 0  # read by the request path's callers, written there too
-        self._dropped_reported = 0
-        self.dropped_reports = 0
+        self._dropped_sent = 0
+        self.dropped_updates = 0
         self.log_errors = 0
         self.log_lines = 0
         self._stop = threading.Event()
@@ -207,22 +197,9 @@ class Monitor:
 
     # ---- the request path: one append each ---------------------------------------------
 
-    def observe_http(self, route: str, model: str, version: str, status: int, seconds: float) -> None:
+    def put(self, record: Record) -> None:
         if len(self._queue) < self._capacity:
-            self._queue.append((HTTP, route, model, version, status, seconds))
-        else:
-            self.dropped += 1
-
-    def observe(self, predictor: Predictor, rows: np.ndarray, outputs: Mapping[str, np.ndarray], seconds: float) -> None:
-        if len(self._queue) < self._capacity:
-            sampled = self.log is not None and (self._rate >= 1.0 or random.random() < self._rate)
-            self._queue.append((INFER, self.clock(), current_request_id(), predictor, rows, outputs, seconds, sampled))
-        else:
-            self.dropped += 1
-
-    def observe_batch(self, predictor: Predictor, rows: int, seconds: float) -> None:
-        if len(self._queue) < self._capacity:
-            self._queue.append((BATCH, predictor.name, predictor.version, rows, seconds))
+            self._queue.append(record)
         else:
             self.dropped += 1
 
@@ -259,37 +236,40 @@ class Monitor:
         labels_by_key: dict[tuple[str, str], list[np.ndarray]] = {}
         joins: list[tuple[str, str, str, list[Any]]] = []
         lines: list[bytes] = []
+        rate = self._rate
         for _ in range(len(self._queue)):
-            item = self._queue.popleft()
-            kind = item[0]
-            if kind == HTTP:
-                _, route, model, version, status, seconds = item
-                key = (route, model, version, status)
+            record = self._queue.popleft()
+            if type(record) is RequestRecord:
+                key = (record.route, record.model, record.version, record.status)
                 requests[key] = requests.get(key, 0) + 1
-                latencies.append(seconds * 1000.0)
-                metrics[m.REQUEST_LATENCY].observe(seconds * 1000.0, tags={"route": route, "model": model, "version": version})
-            elif kind == BATCH:
-                _, model, version, rows, seconds = item
-                tags = {"model": model, "version": version}
-                metrics[m.MODEL_LATENCY].observe(seconds * 1000.0, tags=tags)
-                metrics[m.BATCH_ROWS].observe(rows, tags=tags)
-            else:
-                _, ts, request_id, predictor, rows, outputs, seconds, sampled = item
-                key = (predictor.name, predictor.version)
-                rows_by_key[key] = rows_by_key.get(key, 0) + len(rows)
+                latency_ms = record.latency_s * 1000.0
+                latencies.append(latency_ms)
+                metrics[m.REQUEST_LATENCY].observe(latency_ms, tags={"route": record.route, "model": record.model, "version": record.version})
+                if record.rows:
+                    version_key = (record.model, record.version)
+                    rows_by_key[version_key] = rows_by_key.get(version_key, 0) + record.rows
+            elif type(record) is Prediction:
+                predictor = record.predictor
+                version_key = (predictor.name, predictor.version)
                 window = self._window(predictor)
                 if window is not None:
-                    window[1].add(rows)
-                labels = _labels(predictor, outputs)
+                    window[1].add(record.inputs)
+                labels = _labels(predictor, record.outputs)
+                request_id = record.request.request_id
                 if labels is not None and predictor.manifest.task == "classification":
-                    labels_by_key.setdefault(key, []).append(labels)
+                    labels_by_key.setdefault(version_key, []).append(labels)
                     if request_id and self.hub is not None:
-                        joins.append((request_id, key[0], key[1], labels.tolist()))
-                if sampled:
+                        joins.append((request_id, version_key[0], version_key[1], labels.tolist()))
+                if self.log is not None and (rate >= 1.0 or random.random() < rate):
                     lines.append(encode({
-                        "ts": ts, "request_id": request_id, "model": key[0], "version": key[1],
-                        "inputs": rows, "outputs": dict(outputs), "latency_ms": round(seconds * 1000.0, 3),
+                        "ts": record.ts, "request_id": request_id, "model": version_key[0], "version": version_key[1],
+                        "inputs": record.inputs, "outputs": dict(record.outputs),
+                        "latency_ms": round((record.at - record.request.started) * 1000.0, 3),
                     }))
+            elif type(record) is ModelCall:
+                tags = {"model": record.model, "version": record.version}
+                metrics[m.MODEL_LATENCY].observe(record.seconds * 1000.0, tags=tags)
+                metrics[m.BATCH_ROWS].observe(record.rows, tags=tags)
 
         for (route, model, version, status), count in requests.items():
             metrics[m.REQUESTS].inc(count, tags={"route": route, "model": model, "version": version, "status": str(status)})
@@ -309,14 +289,14 @@ class Monitor:
             except OSError as exc:
                 logger.error("prediction log: cannot write %d line(s) to %s: %s", len(lines), self.log.path, exc)
                 self.log_errors += len(lines)
-        dropped = self.dropped - self._dropped_reported
-        self._dropped_reported += dropped
+        dropped = self.dropped - self._dropped_sent
+        self._dropped_sent += dropped
         if self.hub is not None:
-            self._report(requests, latencies, rows_by_key, classes, joins, dropped)
-        for reason, total in (("queue_full", self.dropped), ("hub_busy", self.dropped_reports), ("log_error", self.log_errors)):
+            self._send_update(requests, latencies, rows_by_key, classes, joins, dropped)
+        for reason, total in (("queue_full", self.dropped), ("hub_busy", self.dropped_updates), ("log_error", self.log_errors)):
             metrics[m.MONITOR_DROPPED].set(total, tags={"reason": reason})
 
-    def _report(
+    def _send_update(
         self,
         requests: Mapping[tuple[str, str, str, int], int],
         latencies: list[float],
@@ -325,6 +305,7 @@ class Monitor:
         joins: list[tuple[str, str, str, list[Any]]],
         dropped: int,
     ) -> None:
+        """Sends the hub what this cycle drained, derived from the same records as the metrics."""
         assert self.hub is not None
         by_route: dict[tuple[str, int], int] = {}
         for (route, _, _, status), count in requests.items():
@@ -332,7 +313,7 @@ class Monitor:
         latency_counts = np.bincount(
             np.searchsorted(TRAFFIC_LATENCY_EDGES_MS, latencies), minlength=len(TRAFFIC_LATENCY_EDGES_MS) + 1
         )
-        report: dict[str, Any] = {
+        update: dict[str, Any] = {
             "predictions": joins,
             "traffic": {
                 "requests": [(route, status, count) for (route, status), count in by_route.items()],
@@ -347,13 +328,13 @@ class Monitor:
             ],
             "dropped": {"queue_full": dropped} if dropped else {},
         }
-        if not self.hub.send(self.replica, report):
-            self.dropped_reports += 1
+        if not self.hub.send(self.replica, update):
+            self.dropped_updates += 1
 
     # ---- shutdown and introspection ------------------------------------------------------
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Stops the thread, then writes and reports whatever is still queued. Idempotent."""
+        """Stops the thread, then writes and sends whatever is still queued. Idempotent."""
         if self._closed:
             return
         self._closed = True
@@ -370,7 +351,7 @@ class Monitor:
         return {
             "queued": len(self._queue),
             "dropped": self.dropped,
-            "dropped_reports": self.dropped_reports,
+            "dropped_updates": self.dropped_updates,
             "log_errors": self.log_errors,
             "log_lines": self.log_lines,
             "log_file": str(self.log.path) if self.log is not None else None,

@@ -17,6 +17,7 @@ Outputs are Parquet datasets (directories of part files, as Ray Data writes them
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -35,7 +36,6 @@ from serve_app.model.store import DEFAULT_ALIAS, ModelStore
 CSV_SUFFIXES = (".csv", ".txt")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024
-ERROR_COLUMNS = ("row", "line", "text", "error")
 
 
 class BatchError(ServeAppError):
@@ -369,8 +369,8 @@ def run_batch(
             ray.init(include_dashboard=False, log_to_driver=False)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = progress
-    options = dict(
-        store=str(model_store.root), model=name, version=version, order=order,
+    predict = functools.partial(
+        predict_chunk, store=str(model_store.root), model=name, version=version, order=order,
         n_columns=n_columns, errors_dir=str(errors_target),
     )
 
@@ -382,7 +382,7 @@ def run_batch(
         written = []
         for i in range(len(batch["index"])):
             chunk = Chunk(**{k: _plain(batch[k][i]) for k in batch})
-            table = predict_chunk(chunk, **options)
+            table = predict(chunk)
             # Named by the chunk: a retried task rewrites the same file.
             pq.write_table(table, target / f"part-{chunk.index:06d}.parquet")
             written.append(table.num_rows)
@@ -394,20 +394,21 @@ def run_batch(
     # Tasks (not an actor pool): read, predict and write happen in one task per chunk, and
     # nothing holds a CPU idle that reads would need (on 2 cores a full pool starves them).
     # Each task writes its own part file and hands Ray Data only a count: moving the
-    # predictions through the object store to a separate write stage cost ~3x the work.
+    # predictions through the object store to a separate write stage costs far more
+    # (docs/performance-notes.md).
     summary = dataset.map_batches(predict_batch, batch_size=1, batch_format="numpy").take_all()
     seconds = time.perf_counter() - started
     if len(summary) != len(chunks):
         raise BatchError(f"{len(summary)} of {len(chunks)} chunks reported back")
     predicted = _count_rows(target)
     errors = _count_rows(errors_target)
-    total = chunks_total_rows(source, chunks, predicted + errors)
+    total = planned_rows(chunks)
     if predicted + errors != total:
         raise BatchError(f"{predicted} predictions + {errors} errors != {total} input rows")
     return BatchResult(name, version, total, predicted, errors, seconds, target, errors_target)
 
 
-def chunks_total_rows(source: Path, chunks: list[Chunk], fallback: int) -> int:
+def planned_rows(chunks: list[Chunk]) -> int:
     """Input rows known from planning alone: CSV line counts, Parquet metadata."""
     if not chunks:
         return 0

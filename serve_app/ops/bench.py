@@ -2,10 +2,11 @@
 
 One run trains a model into a temporary store and serves that same model file from:
 
-- `flask`: the seed's Flask app on Flask's own server (benchmarks/flask_app.py);
-- `starlette`: a hand-written one-worker uvicorn + Starlette app (benchmarks/starlette_app.py);
+- `flask`: the seed's Flask app on Flask's own server (baselines/flask_app.py);
+- `starlette`: a hand-written one-worker uvicorn + Starlette app (baselines/starlette_app.py);
 - `serve_app`: configs/local.yaml (port and store changed) on a fresh local Ray started by
-  `ray start --block` with the fast path of `make run` (HAProxy ingress, throughput mode).
+  `ray start --block` with the fast path of `make run` (HAProxy ingress, throughput mode):
+  localray.RayDeployment.
 
 All three run for the whole bench and are measured workload by workload, one server after
 the other, so other work on the machine weighs on each alike (an idle Ray costs a few per
@@ -18,12 +19,10 @@ the bench starts is ended by pid, HAProxy included, and every port is a free one
 from __future__ import annotations
 
 import asyncio
-import copy
+import importlib.util
 import json
 import os
-import platform
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -37,34 +36,17 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import orjson
 
-from serve_app.protocol import codec
-
+from serve_app.client import v2
 from serve_app.ops import processes
 from serve_app.ops.loadgen import LoadResult, run_load, wrk_path
+from serve_app.ops.localray import APP_NAME, MODEL_NAME, RayDeployment, require_config, share_package_path
+from serve_app.ops.progress import Progress, describe_machine
+from serve_app.protocol import oip_v2
 
-REPO = Path(__file__).resolve().parents[2]
-BENCHMARKS = REPO / "benchmarks"
 SERVERS = ("flask", "starlette", "serve_app")
-APP_NAME = "serve_app"
-START_TIMEOUT_S = 300.0  # Ray's start on a busy 2-core machine has taken 160 s
-MODEL_NAME = "iris"
-
-
-class Progress:
-    """One line per stage, with the time since the bench started and the stage's length."""
-
-    def __init__(self, tool: str = "bench") -> None:
-        self.tool = tool
-        self.start = time.monotonic()
-        self.stage_start = self.start
-
-    def __call__(self, message: str) -> None:
-        now = time.monotonic()
-        print(f"[{self.tool} {now - self.start:6.1f}s] {message}", flush=True)
-        self.stage_start = now
-
-    def done(self, message: str) -> None:
-        self(f"  {message} ({time.monotonic() - self.stage_start:.1f}s)")
+BASELINES = "serve_app.ops.baselines"
+# What each baseline runs on: test dependencies (`pip install 'serve_app[test]'`).
+BASELINE_NEEDS = {"flask": "flask", "starlette": "uvicorn"}
 
 
 # ---- workloads ------------------------------------------------------------------------------
@@ -96,7 +78,7 @@ def workloads(expected: Callable[[np.ndarray], np.ndarray]) -> list[Workload]:
     many = _rows(256)
     big = _rows(4096)
 
-    def seed_check(rows: np.ndarray) -> Callable[[bytes, dict[str, str]], None]:
+    def predict_check(rows: np.ndarray) -> Callable[[bytes, dict[str, str]], None]:
         want = expected(rows).tolist()
 
         def check(body: bytes, headers: dict[str, str]) -> None:
@@ -108,22 +90,22 @@ def workloads(expected: Callable[[np.ndarray], np.ndarray]) -> list[Workload]:
         return check
 
     def v2_check(body: bytes, headers: dict[str, str]) -> None:
-        got = codec.decode_v2_response(body, headers.get(codec.BINARY_HEADER))["predict"]
+        got = v2.decode_response(body, headers.get(oip_v2.BINARY_HEADER))["predict"]
         if not np.array_equal(got, expected(big)):
             raise AssertionError("wrong V2 predictions")
 
     single = orjson.dumps({"features": one[0].tolist()})
     batch = orjson.dumps({"features": many.tolist()})
-    v2_body, v2_headers = codec.encode_v2_request(big, binary=True, outputs=["predict"], binary_outputs=True)
+    v2_body, v2_headers = v2.encode_request(big, binary=True, outputs=["predict"], binary_outputs=True)
     json_headers = {"content-type": "application/json"}
     everyone = SERVERS
     return [
-        Workload("row1_c1", "1 row, c=1", "/predict", single, json_headers, 1, 1, everyone, seed_check(one)),
-        Workload("row1_c32", "1 row, c=32", "/predict", single, json_headers, 1, 32, everyone, seed_check(one)),
-        Workload("row1_c128", "1 row, c=128", "/predict", single, json_headers, 1, 128, everyone, seed_check(one)),
+        Workload("row1_c1", "1 row, c=1", "/predict", single, json_headers, 1, 1, everyone, predict_check(one)),
+        Workload("row1_c32", "1 row, c=32", "/predict", single, json_headers, 1, 32, everyone, predict_check(one)),
+        Workload("row1_c128", "1 row, c=128", "/predict", single, json_headers, 1, 128, everyone, predict_check(one)),
         # The seed's Flask app takes one row per request only.
         Workload("rows256_c8", "256 rows JSON, c=8", "/predict", batch, json_headers, 256, 8,
-                 ("starlette", "serve_app"), seed_check(many)),
+                 ("starlette", "serve_app"), predict_check(many)),
         Workload("v2bin4096_c8", "V2 binary 4,096 rows, c=8", f"/v2/models/{MODEL_NAME}/infer", v2_body,
                  v2_headers, 4096, 8, ("serve_app",), v2_check),
     ]
@@ -151,18 +133,15 @@ class Server:
     def stop(self) -> None:
         for proc in self.procs:
             self.seen |= processes.descendants(proc.pid)
-            self.seen.add((proc.pid, _start_time(proc.pid)))
-        processes.end({p for p in self.seen if p[1] >= 0})
+            started = processes.identify(proc.pid)
+            if started is not None:
+                self.seen.add(started)
+        processes.end(self.seen)
         for proc in self.procs:
             try:
                 proc.wait(5)
             except subprocess.TimeoutExpired:
                 pass
-
-
-def _start_time(pid: int) -> int:
-    stat = processes._stat(pid)  # noqa: SLF001 - same module family, one helper
-    return stat[1] if stat else -1
 
 
 def wait_answering(url: str, body: bytes, headers: dict[str, str], timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
@@ -184,11 +163,10 @@ def wait_answering(url: str, body: bytes, headers: dict[str, str], timeout_s: fl
 
 def start_baseline(name: str, model_file: Path, log_dir: Path, probe: Workload) -> Server:
     port = processes.free_port()
-    script = BENCHMARKS / f"{name}_app.py"
     log = open(log_dir / f"{name}.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, str(script), "--model", str(model_file), "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO,
+        [sys.executable, "-m", f"{BASELINES}.{name}_app", "--model", str(model_file), "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     log.close()
     server = Server(name, f"http://127.0.0.1:{port}", [proc])
@@ -198,195 +176,6 @@ def start_baseline(name: str, model_file: Path, log_dir: Path, probe: Workload) 
         server.stop()
         raise
     return server
-
-
-class RayStartFailed(RuntimeError):
-    pass
-
-
-class RayDeployment:
-    """A private Ray (`ray start --head --block` on free ports) serving the project's config."""
-
-    def __init__(self, config_path: Path, store_root: Path, work_dir: Path, log: Progress) -> None:
-        self.log = log
-        self.work_dir = work_dir
-        self.state_dir = Path(tempfile.mkdtemp(prefix="sab-", dir="/tmp"))  # HAProxy: short socket path
-        self.http_port = processes.free_port()
-        self.gcs_port = processes.free_port()
-        self.dashboard = f"http://127.0.0.1:{processes.free_port()}"
-        self.config = self._config(config_path, store_root)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.seen: set[processes.Process] = set()
-        self.base_url = f"http://127.0.0.1:{self.http_port}"
-
-    def _config(self, config_path: Path, store_root: Path) -> dict[str, Any]:
-        from serve_app.ops import control
-
-        config = copy.deepcopy(control.load_config(config_path))
-        config["http_options"] = {**(config.get("http_options") or {}), "host": "127.0.0.1", "port": self.http_port}
-        app = control.find_app(config, APP_NAME)
-        app["args"] = {**(app.get("args") or {}), "store": str(store_root), "model": MODEL_NAME}
-        monitoring = app["args"].get("monitoring")
-        if isinstance(monitoring, dict) and monitoring.get("log_dir"):
-            # The prediction log stays on (it is part of what is measured) but not in the repo.
-            app["args"]["monitoring"] = {**monitoring, "log_dir": str(self.work_dir / "predictions")}
-        control.check_config(config, str(config_path))  # before Ray starts: a typo is said at once
-        return config
-
-    def environment(self) -> dict[str, str]:
-        env = dict(processes.FAST_PATH_ENV)
-        env.update(processes.haproxy_env(
-            self.state_dir, stats_port=processes.free_port(), metrics_port=processes.free_port()
-        ))
-        env["RAY_USAGE_STATS_ENABLED"] = "0"
-        # Serve's fallback proxy otherwise binds fixed ports that another cluster may hold.
-        env["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"] = str(processes.free_port())
-        env["RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"] = str(processes.free_port())
-        # `ray start` turns token auth on when a token file exists and a driver attaching by
-        # address would then need it too; this private cluster lives only for the bench.
-        env.setdefault("RAY_AUTH_MODE", os.environ.get("RAY_AUTH_MODE", "disabled"))
-        return env
-
-    def start(self, attempts: int = 3) -> None:
-        """Ray waits only 30 s for its raylet, which a busy 2-core machine can miss: retry."""
-        for attempt in range(1, attempts + 1):
-            try:
-                return self._start()
-            except RayStartFailed as exc:
-                self.log(f"  ray start failed (attempt {attempt} of {attempts}): {str(exc).splitlines()[-1]}")
-                self._end_processes()
-                if attempt == attempts:
-                    raise
-                self.gcs_port = processes.free_port()
-                self.dashboard = f"http://127.0.0.1:{processes.free_port()}"
-
-    def _start(self) -> None:
-        # The driver (this process) reads the throughput-optimized switch when ray.serve is
-        # imported, and the Ray processes inherit it from `ray start`: set both first.
-        os.environ.update(self.environment())
-        ray_cli = Path(sys.executable).with_name("ray")
-        ports = {
-            "--port": self.gcs_port,
-            "--dashboard-port": int(self.dashboard.rsplit(":", 1)[1]),
-            "--ray-client-server-port": processes.free_port(),
-            "--dashboard-agent-listen-port": processes.free_port(),
-            "--dashboard-agent-grpc-port": processes.free_port(),
-            "--runtime-env-agent-port": processes.free_port(),
-            "--metrics-export-port": processes.free_port(),
-            "--node-manager-port": processes.free_port(),
-            "--object-manager-port": processes.free_port(),
-        }
-        command = [
-            str(ray_cli), "start", "--head", "--block", "--disable-usage-stats", "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1",
-            f"--temp-dir={self.work_dir / 'ray'}",
-            *[f"{flag}={port}" for flag, port in ports.items()],
-        ]
-        log_path = self.work_dir / "ray-start.log"
-        log = open(log_path, "wb")
-        self.proc = subprocess.Popen(command, env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True, cwd=REPO)
-        log.close()
-        # Attach only once `ray start` says the node is up: a driver pointed at a GCS that
-        # never comes up waits far longer than the bench should.
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while b"Ray runtime started" not in log_path.read_bytes():
-            self._remember()
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                tail = log_path.read_text(errors="replace")[-1500:]
-                raise RayStartFailed(f"ray start did not come up (exit {self.proc.poll()}); its log ends:\n{tail}")
-            time.sleep(0.5)
-        import ray
-
-        ray.init(address=f"127.0.0.1:{self.gcs_port}", log_to_driver=False, logging_level="ERROR")
-        from serve_app.ops import control
-
-        deadline = time.monotonic() + 120
-        while True:  # the dashboard's REST API comes up a little after the GCS
-            try:
-                control.deploy(self.config, self.dashboard)
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(1)
-        control.wait_until_running(APP_NAME, self.dashboard, timeout_s=START_TIMEOUT_S)
-        self._remember()
-
-    def _remember(self) -> None:
-        if self.proc is not None:
-            self.seen |= processes.descendants(self.proc.pid)
-        self.seen |= set(self.haproxy())
-
-    def haproxy(self) -> list[processes.Process]:
-        """HAProxy may leave the process tree (it daemonises): found by its own config path."""
-        return processes.with_arguments("haproxy", str(self.state_dir))
-
-    def memory(self) -> dict[str, Any]:
-        """Resident memory of every process of the deployment (Ray's tree and HAProxy)."""
-        self._remember()
-        live = [p for p in self.seen if processes.alive(p)]
-        rss = pss = 0
-        for pid, _ in live:
-            rss += _status_kib(pid, "VmRSS")
-            pss += _rollup_kib(pid, "Pss")
-        return {"processes": len(live), "rss_mib": rss / 1024, "pss_mib": pss / 1024,
-                "haproxy_processes": len(self.haproxy())}
-
-    def stop(self) -> None:
-        self._remember()
-        try:
-            import ray
-
-            if ray.is_initialized():
-                ray.shutdown()
-        except Exception:
-            pass
-        self._end_processes()
-        shutil.rmtree(self.state_dir, ignore_errors=True)
-
-    def _end_processes(self) -> None:
-        self._remember()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                pass
-        processes.end(self.seen, grace_s=10)
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        # Serve reloads HAProxy by starting a new one (-sf): one may appear while Ray stops.
-        quiet_scans = 0
-        deadline = time.monotonic() + 30
-        while quiet_scans < 3 and time.monotonic() < deadline:
-            left = self.haproxy()
-            quiet_scans = 0 if left else quiet_scans + 1
-            processes.end(left, grace_s=5)
-            time.sleep(0.5)
-        if self.proc is not None and self.proc.poll() is not None:
-            self.proc.wait()  # reap it
-
-
-def _status_kib(pid: int, key: str) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def _rollup_kib(pid: int, key: str) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 # ---- measuring ------------------------------------------------------------------------------
@@ -480,7 +269,7 @@ def measure_handles(cases: Sequence[tuple[int, int]], duration_s: float, log: Pr
     return asyncio.run(all_cases())
 
 
-# ---- the report -----------------------------------------------------------------------------
+# ---- the outputs: results.md, results.json, bench.png ---------------------------------------
 
 
 def _find(rows: Sequence[dict[str, Any]], server: str, workload: str) -> dict[str, Any] | None:
@@ -542,16 +331,16 @@ def _ratio(value: float | None) -> str:
     return "" if value is None else f"{value:.2f}x"
 
 
-def markdown(report: dict[str, Any]) -> str:
-    rows = report["results"]
+def markdown(outcome: dict[str, Any]) -> str:
+    rows = outcome["results"]
     lines = [
-        f"# serve-app bench ({report['mode']}, {report['started']})",
+        f"# serve-app bench ({outcome['mode']}, {outcome['started']})",
         "",
-        f"Command: `{report['command']}`  ",
-        f"Machine: {report['machine']}; load generator: {report['generator']}; "
-        f"{report['duration_s']:g} s per workload.",
+        f"Command: `{outcome['command']}`  ",
+        f"Machine: {outcome['machine']}; load generator: {outcome['generator']}; "
+        f"{outcome['duration_s']:g} s per workload.",
     ]
-    if report["generator"].startswith("python"):
+    if outcome["generator"].startswith("python"):
         lines.append("**wrk is not installed: the Python fallback load generator was used; it saturates a core by "
                      "itself, so these figures show correctness, not the servers' speed.**")
     lines += [
@@ -567,18 +356,18 @@ def markdown(report: dict[str, Any]) -> str:
             f"{_ratio(r.get('x_starlette_req_s'))} | {_ratio(r.get('x_starlette_p99'))} | "
             f"{_ratio(r.get('x_flask_req_s'))} | {r['client_cpu_pct']:.0f}% | {r.get('load_avg_1m', 0):.1f} |"
         )
-    if report["goals"]:
+    if outcome["goals"]:
         lines += ["", "## Goals (issue 3), ratios from this run", "", "| goal | met | measured |", "|---|---|---|"]
-        for g in report["goals"]:
+        for g in outcome["goals"]:
             lines.append(f"| {g['goal']} | {'yes' if g['met'] else '**no**'} | {g['measured']} |")
-    memory = report.get("memory")
+    memory = outcome.get("memory")
     if memory:
         lines += ["", "## Memory of the local deployment (Ray's process tree + HAProxy)", ""]
         for stage, m in memory.items():
             lines.append(f"- {stage}: {m['rss_mib']:,.0f} MiB RSS summed over {m['processes']} processes "
                          f"(PSS, shared pages counted once: {m['pss_mib']:,.0f} MiB)")
-    if report.get("soak"):
-        s = report["soak"]
+    if outcome.get("soak"):
+        s = outcome["soak"]
         share = (f", {s['load_pct']:.0f}% of this run's c=32 peak of {s['peak_req_s']:,.0f} req/s"
                  + (f", paced by {s['pause_ms']} ms pauses" if s.get("pause_ms") else ", not paced"))
         lines += ["", f"Soak: {s['seconds']:.0f} s at c={s['connections']} ({s['req_s']:,.0f} req/s{share if s.get('load_pct') else ''}, "
@@ -589,7 +378,7 @@ def markdown(report: dict[str, Any]) -> str:
                       "|---:|---:|---:|---:|---:|---:|---:|"]
             lines += [f"| {w['end_s']:.0f} | {w.get('pause_ms', 0)} | {w['req_s']:,.0f} | {w['p50_ms']:.2f} | {w['p99_ms']:.2f} | "
                       f"{w['failed']} | {w['pss_mib']:,.0f} |" for w in s["windows"]]
-    lines += ["", "Baselines: " + report["baselines"], "",
+    lines += ["", "Baselines: " + outcome["baselines"], "",
               "client CPU: the load generator's CPU time over the run (100% = one core); load: the "
               "machine's 1-minute load average when the row was measured (2 cores: above 2, other work "
               "competed).", "", "![throughput and latency](bench.png)", ""]
@@ -639,20 +428,11 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def _machine() -> str:
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor()
-    return f"{os.cpu_count()} CPUs ({model}), {platform.system()} {platform.release()}, load {os.getloadavg()[0]:.2f}"
-
-
-def print_table(report: dict[str, Any]) -> None:
+def print_table(outcome: dict[str, Any]) -> None:
     header = ["server", "workload", "req/s", "rows/s", "p50", "p90", "p99", "err", "t/o", "non2xx",
               "xStarl", "xStarl p99", "xFlask", "cli CPU"]
     table = [header]
-    for r in report["results"]:
+    for r in outcome["results"]:
         table.append([r["server"], r["title"], f"{r['req_s']:,.0f}", f"{r['rows_s']:,.0f}", f"{r['p50_ms']:.2f}",
                       f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}", str(r["errors"]), str(r["timeouts"]),
                       str(r["non_2xx"]), _ratio(r.get("x_starlette_req_s")), _ratio(r.get("x_starlette_p99")),
@@ -661,9 +441,9 @@ def print_table(report: dict[str, Any]) -> None:
     print()
     for row in table:
         print("  ".join(cell.rjust(w) if i > 1 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))))
-    for g in report["goals"]:
+    for g in outcome["goals"]:
         print(f"  [{'met' if g['met'] else 'NOT MET'}] {g['goal']}: {g['measured']}")
-    for stage, m in (report.get("memory") or {}).items():
+    for stage, m in (outcome.get("memory") or {}).items():
         print(f"  memory {stage}: {m['rss_mib']:,.0f} MiB RSS / {m['pss_mib']:,.0f} MiB PSS in {m['processes']} processes")
     print(flush=True)
 
@@ -683,10 +463,23 @@ class BenchOptions:
     soak_load: float = 0.7  # share of this run's c=32 peak the soak offers (1: flat out)
 
 
+def check_can_run(options: BenchOptions) -> None:
+    """Refuses at start what would fail later: a config that is not there, a baseline whose
+    server is not installed."""
+    if APP_NAME in options.servers:
+        require_config(options.config)
+    for name, module in BASELINE_NEEDS.items():
+        if name in options.servers and importlib.util.find_spec(module) is None:
+            raise ValueError(
+                f"the {name} baseline needs {module}, which is not installed: pip install 'serve_app[test]', "
+                f"or leave it out (--servers {','.join([s for s in options.servers if s != name] or [APP_NAME])})"
+            )
+
+
 def run(options: BenchOptions) -> dict[str, Any]:
+    check_can_run(options)
     log = Progress()
-    # Every process the bench starts (baselines, Ray workers) imports this checkout's code.
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    share_package_path()
     duration = options.duration_s or (2.0 if options.quick else 10.0)
     warmup = 1.0 if options.quick else 3.0
     generator = options.generator
@@ -767,11 +560,11 @@ def run(options: BenchOptions) -> dict[str, Any]:
         shutil.rmtree(work_dir, ignore_errors=True)
 
     add_ratios(results)
-    report = {
+    outcome = {
         "mode": "quick" if options.quick else "full",
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": "serve-app bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else []),
-        "machine": _machine(),
+        "machine": describe_machine(),
         "generator": generator if generator != "wrk" else f"wrk ({wrk_path()}), 2 threads",
         "duration_s": duration,
         "config": str(options.config),
@@ -785,12 +578,12 @@ def run(options: BenchOptions) -> dict[str, Any]:
         "deployment_processes": ended,  # (pid, start time): all ended by the bench
         "serve_app_port": port,
     }
-    (options.out / "results.json").write_text(json.dumps(report, indent=2))
-    (options.out / "results.md").write_text(markdown(report))
+    (options.out / "results.json").write_text(json.dumps(outcome, indent=2))
+    (options.out / "results.md").write_text(markdown(outcome))
     plot(results, options.out / "bench.png")
-    print_table(report)
+    print_table(outcome)
     log(f"wrote {options.out / 'results.md'}, {options.out / 'results.json'}, {options.out / 'bench.png'}")
-    return report
+    return outcome
 
 
 def soak_pause_ms(connections: int, target_req_s: float, request_ms: float) -> int:

@@ -98,8 +98,8 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     rows = [["NAME", "VERSION", "ALIASES", *(["TRAFFIC"] if live else []), "ESTIMATOR", "DATASET", "FORMAT", "METRICS", "CREATED"]]
     for e in entries:
         metrics = " ".join(f"{k}={v:.3f}" for k, v in e["metrics"].items())
-        traffic = [e["traffic"]] if live else []
-        rows.append([e["name"], e["version"], ",".join(e["aliases"]), *traffic, e["estimator"], e["dataset"], e["format"], metrics, e["created_at"]])
+        traffic_cell = [e["traffic"]] if live else []
+        rows.append([e["name"], e["version"], ",".join(e["aliases"]), *traffic_cell, e["estimator"], e["dataset"], e["format"], metrics, e["created_at"]])
     print(_table(rows))
     return 0
 
@@ -213,22 +213,11 @@ def cmd_models_shadow(args: argparse.Namespace) -> int:
 
 def cmd_models_status(args: argparse.Namespace) -> int:
     from serve_app.ops import control
-    from serve_app.ops import rollout
 
-    import httpx
-
-    details = control.details(args.address)
-    base = rollout._http_base(details, _target(args))
-    states = rollout._replica_states(details, args.app)
-    replicas = sum(1 for state in states.values() if state == "RUNNING")
-    seen: dict[int, Any] = {}
-    with httpx.Client(timeout=5) as client:
-        for _ in range(max(10, 10 * replicas)):
-            status = client.get(f"{base}/admin/status").json()
-            seen[status["pid"]] = status
-            if len(seen) >= replicas:
-                break
-    print(json.dumps({"replicas_running": replicas, "replicas": list(seen.values())}, indent=2))
+    # One look: each RUNNING replica asked until it has answered (or 10 polls per replica).
+    view = control.watch_replicas(lambda view: True, args.address, args.app, url=args.url)
+    replicas = sum(1 for state in view.states.values() if state == "RUNNING")
+    print(json.dumps({"replicas_running": replicas, "replicas": list(view.statuses.values())}, indent=2))
     return 0
 
 
@@ -280,17 +269,14 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from serve_app.ops.report import fetch, render_html, render_png
+    from serve_app.ops.report import fetch_summary, write_pages
 
     try:
-        summary = fetch(args.url, args.model, args.api_key)
+        summary = fetch_summary(args.url, args.model, args.api_key)
     except OSError as exc:
         raise ValueError(f"cannot read {args.url.rstrip('/')}/v2/models/{args.model}/monitoring: {exc}") from None
-    if args.png:
-        Path(args.png).write_bytes(render_png(summary))
-        print(f"wrote {args.png}")
-    Path(args.out).write_text(render_html(summary, args.url))
-    print(f"wrote {args.out}")
+    for path in write_pages(summary, Path(args.out), Path(args.png) if args.png else None, args.url):
+        print(f"wrote {path}")
     return 0
 
 
@@ -309,12 +295,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown server {unknown[0]!r} in --servers; choose from {', '.join(SERVERS)}")
     if not 0 < args.soak_load <= 1:
         raise ValueError(f"--soak-load {args.soak_load:g} is not a share of the peak; give a number in (0, 1], e.g. 0.7")
-    report = bench(BenchOptions(
+    outcome = bench(BenchOptions(
         out=Path(args.out), quick=args.quick, duration_s=args.duration, config=Path(args.config),
         servers=servers, generator=args.loadgen, soak_s=args.soak, soak_load=args.soak_load,
     ))
-    # serve_app's failures fail the run; a baseline's (Starlette times out at c=128) are findings.
-    failed = sum(r["errors"] + r["timeouts"] + r["non_2xx"] for r in report["results"] if r["server"] == "serve_app")
+    # serve_app's failures fail the run; a baseline's (timeouts at c=128, say) are findings.
+    failed = sum(r["errors"] + r["timeouts"] + r["non_2xx"] for r in outcome["results"] if r["server"] == "serve_app")
     return 1 if failed else 0
 
 
@@ -323,17 +309,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     if args.slo_p99_ms <= 0 or args.budget_s <= 0 or args.max_replicas < 1 or args.max_connections < 1:
         raise ValueError("--slo-p99-ms and --budget-s must be > 0, --max-replicas and --max-connections >= 1")
-    report = tune(TuneOptions(
+    outcome = tune(TuneOptions(
         config=Path(args.config), slo_p99_ms=args.slo_p99_ms, max_replicas=args.max_replicas, budget_s=args.budget_s,
         out=Path(args.out), address=args.address, url=args.url, app=args.app, max_connections=args.max_connections,
         generator=args.loadgen,
     ))
-    if report["interrupted"]:
+    if outcome["interrupted"]:
         return 130
-    if report["error"]:
-        print(f"serve-app: error: tune stopped early: {report['error']}", file=sys.stderr)
+    if outcome["error"]:
+        print(f"serve-app: error: tune stopped early: {outcome['error']}", file=sys.stderr)
         return 1
-    return 0 if report["recommended"] else 1
+    return 0 if outcome["recommended"] else 1
 
 
 def cmd_batch(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, get_args
+from typing import Any, Callable, Mapping, get_args
 
 import yaml
 
@@ -127,7 +127,7 @@ def deployed_config(address: str | None = None) -> dict[str, Any]:
 def find_app(config: Mapping[str, Any], name: str = APP_NAME) -> dict[str, Any]:
     for app in config["applications"]:
         if app.get("name") == name:
-            return app  # type: ignore[no-any-return]
+            return app
     raise KeyError(f"no application named {name!r} in the config")
 
 
@@ -153,6 +153,101 @@ def app_status(name: str = APP_NAME, address: str | None = None) -> dict[str, An
     if app is None:
         return {"status": "NOT_DEPLOYED", "message": f"no application {name!r}"}
     return dict(app)
+
+
+# ---- the replicas of a running application ----------------------------------------------------
+
+# A replica in one of these states may still answer requests with what it served before.
+LIVE_STATES = frozenset({"STARTING", "UPDATING", "RECOVERING", "RUNNING", "PENDING_MIGRATION"})
+
+
+def http_base(details: Mapping[str, Any], app: str = APP_NAME, url: str | None = None) -> str:
+    """The app's HTTP base URL: `url` when given, else the cluster's http_options and the app's
+    route prefix (a wildcard host is reached on 127.0.0.1)."""
+    if url:
+        return url.rstrip("/")
+    options = details.get("http_options") or {}
+    host = options.get("host") or "127.0.0.1"
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    prefix = (details.get("applications", {}).get(app, {}).get("route_prefix") or "/").rstrip("/")
+    return f"http://{host}:{options.get('port', 8000)}{prefix}"
+
+
+def replica_states(details: Mapping[str, Any], app: str = APP_NAME) -> dict[int | None, str]:
+    """pid -> state of every replica of the app's ModelServer that is or may soon be serving."""
+    deployments = details.get("applications", {}).get(app, {}).get("deployments", {})
+    replicas = deployments.get(DEPLOYMENT_NAME, {}).get("replicas", [])
+    return {r.get("pid"): r.get("state") for r in replicas if r.get("state") in LIVE_STATES}
+
+
+@dataclass
+class ReplicaView:
+    """An app's replicas as Serve lists them, and what each said at GET /admin/status."""
+
+    details: dict[str, Any]  # control.details() at the last look
+    states: dict[int | None, str]  # replica_states() at the last look
+    statuses: dict[int, dict[str, Any]]  # pid -> that replica's latest /admin/status answer
+
+    @property
+    def running(self) -> set[int]:
+        return {pid for pid, state in self.states.items() if state == "RUNNING" and pid is not None}
+
+
+class ReplicasNotReady(TimeoutError):
+    """`watch_replicas` gave up; `view` is its last look."""
+
+    def __init__(self, view: ReplicaView, timeout_s: float) -> None:
+        super().__init__(f"the replicas did not reach the wanted state within {timeout_s:g}s; "
+                         f"last seen: {list(view.statuses.values())}")
+        self.view = view
+
+
+def watch_replicas(
+    until: Callable[[ReplicaView], bool],
+    address: str | None = None,
+    app: str = APP_NAME,
+    *,
+    url: str | None = None,
+    timeout_s: float = 120.0,
+    on_status: Callable[[Mapping[str, Any]], None] | None = None,
+    polls_per_replica: int = 10,
+) -> ReplicaView:
+    """Looks at `app`'s replicas until `until(view)` holds, and returns that view.
+
+    Each look reads Serve's details, then polls GET /admin/status until every RUNNING replica
+    has answered (the load balancer spreads the polls over the replicas: at most
+    `polls_per_replica` polls per replica). A replica's latest answer replaces its earlier
+    ones; `on_status` sees each answer as it comes and may raise to stop the watch (a
+    replica refusing a change, say). Raises ReplicasNotReady after `timeout_s`."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    statuses: dict[int, dict[str, Any]] = {}
+    view = ReplicaView({}, {}, statuses)
+    with httpx.Client(timeout=5) as client:
+        while True:
+            info = details(address)
+            view = ReplicaView(info, replica_states(info, app), statuses)
+            status_url = f"{http_base(info, app, url)}/admin/status"
+            for _ in range(polls_per_replica * max(1, len(view.running))):
+                try:
+                    answer = client.get(status_url)
+                    status = answer.json() if answer.status_code == 200 else None
+                except (httpx.HTTPError, ValueError):
+                    status = None
+                if not isinstance(status, dict) or "pid" not in status:
+                    break  # not serving (yet): the next look will tell
+                statuses[status["pid"]] = status
+                if on_status is not None:
+                    on_status(status)
+                if view.running <= statuses.keys():
+                    break
+            if until(view):
+                return view
+            if time.monotonic() >= deadline:
+                raise ReplicasNotReady(view, timeout_s)
+            time.sleep(0.2)
 
 
 # ---- why an application is not serving ---------------------------------------------------------

@@ -200,12 +200,12 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def report_failure(problem: control.Failure, config_path: Path, config: dict[str, Any]) -> None:
+def print_failure(problem: control.Failure, config_path: Path, config: dict[str, Any]) -> None:
     lines = [f"serve-app: error: {problem.summary}:"]
     lines += [f"serve-app:   {line}" for line in problem.reason.splitlines()]
     if problem.hint:
         hint = problem.hint.replace("the config", str(config_path))
-        app = next((a for a in config["applications"] if a.get("name", "default") == problem.app), {})
+        app: dict[str, Any] = next((a for a in config["applications"] if a.get("name", "default") == problem.app), {})
         if str(app.get("import_path", "")).startswith("serve_app."):
             hint = hint.replace("STORE", settings_from_args(app.get("args")).store)
         lines.append(f"serve-app: what to change: {hint}")
@@ -287,7 +287,7 @@ def run(config_path: Path, *, fast_path: bool = True, dashboard_port: int | None
             time.sleep(0.5)
         seen |= processes.descendants(proc.pid) | set(processes.with_arguments("haproxy", str(state_dir)))
         if failed is not None:
-            report_failure(failed, config_path, config)
+            print_failure(failed, config_path, config)
             print("serve-app: stopping what this run started", flush=True)
             _stop(proc, signal.SIGINT, FAILED_STOP_TIMEOUT_S)
         elif proc.poll() is None:

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -93,9 +93,6 @@ class LoadResult:
     def client_cpu_pct(self) -> float:
         return 100.0 * self.client_cpu_s / self.duration_s if self.duration_s else 0.0
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 def wrk_path() -> str | None:
     return shutil.which("wrk")
@@ -152,7 +149,7 @@ def run_load(
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         stdout, stderr = proc.stdout.read(), proc.stderr.read()  # type: ignore[union-attr]
-        proc.stdout.close(), proc.stderr.close()  # type: ignore[union-attr, func-returns-value]
+        proc.stdout.close(), proc.stderr.close()  # type: ignore[union-attr]
         if proc.returncode != 0 or not out_file.exists():
             raise RuntimeError(
                 f"{generator} failed ({proc.returncode}): {stderr.decode(errors='replace')[-800:]}"

@@ -21,22 +21,20 @@ FAST_PATH_ENV = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     # With HAProxy, each stopping replica stays reachable this long before it drains, so an
-    # external load balancer can deregister it. Ray's default of 30 s made every replica
-    # stop (redeploy, scale-down, shutdown) take ~35 s and serve.shutdown() give up at 30 s
-    # ("Controller failed to shut down within 30.0s"). Ray's own HAProxy is reconfigured by
-    # the controller within about a second and retries refused connections elsewhere, so a
-    # few seconds is enough. Raise it if an external load balancer points at replicas.
+    # external load balancer can deregister it. Ray's own HAProxy is reconfigured within
+    # about a second, so a few seconds is enough; Ray's default of 30 s made every replica
+    # stop slow (docs/performance-notes.md). Raise it if an external load balancer points
+    # at replicas.
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
     # Ray's HAProxy writes one log line per request that its manager actor parses into
-    # request metrics: ~17% of a core at 1-row c=32 on 2 cores (top and py-spy). Off, c=32
-    # went from 1,237 / 1,216 to 1,575 / 1,534 / 1,493 req/s, back to back. The replicas then
-    # record the same ray_serve_http_* request metrics themselves; what is lost is HAProxy's
-    # own view (requests it answered without a replica). Set it to 1 to keep that.
+    # request metrics, a large share of a core on a small machine (docs/performance-notes.md).
+    # The replicas record the same ray_serve_http_* request metrics themselves; what is lost
+    # is HAProxy's own view (requests it answered without a replica). Set it to 1 to keep that.
     "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
 }
 
 
-def ray_token_auth_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+def ray_token_auth_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """`RAY_AUTH_MODE=token` when a Ray token is at hand and the mode is not chosen yet.
 
     Ray 2.60 turns token auth on for every local cluster it starts (`make run`'s included)
@@ -44,10 +42,10 @@ def ray_token_auth_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     cluster sends the token only if RAY_AUTH_MODE=token is set: otherwise the GCS answers
     InvalidAuthToken and the dashboard 401. An explicit RAY_AUTH_MODE is left alone.
     """
-    environ = os.environ if environ is None else environ
-    if "RAY_AUTH_MODE" in environ:
+    env = os.environ if environ is None else environ
+    if "RAY_AUTH_MODE" in env:
         return {}
-    return {"RAY_AUTH_MODE": "token"} if ray_token_available(environ) else {}
+    return {"RAY_AUTH_MODE": "token"} if ray_token_available(env) else {}
 
 
 def ray_token_available(environ: Mapping[str, str] | None = None) -> bool:
@@ -67,6 +65,26 @@ def _stat(pid: int) -> tuple[int, int] | None:
     if fields[0] == "Z":
         return None
     return int(fields[1]), int(fields[19])
+
+
+def identify(pid: int) -> Process | None:
+    """(pid, start time) of a live process: the pair names it for the machine's uptime,
+    where a pid alone may have been reused. None when there is no such live process."""
+    info = _stat(pid)
+    return None if info is None else (pid, info[1])
+
+
+def memory_kib(pid: int, key: str) -> int:
+    """A memory figure of a process in KiB: "VmRSS" (from /proc/PID/status) or "Pss" (from
+    /proc/PID/smaps_rollup, shared pages shared out); 0 when it cannot be read."""
+    source = "smaps_rollup" if key == "Pss" else "status"
+    try:
+        for line in Path(f"/proc/{pid}/{source}").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def descendants(root: int) -> set[Process]:

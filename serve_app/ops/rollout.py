@@ -9,11 +9,8 @@ either switched or refused, and raise with the replica's reason on a refusal.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
-
-import httpx
 
 from serve_app.ops import control
 
@@ -29,33 +26,12 @@ class Target:
     url: str | None = None  # the app's HTTP base URL; found from the cluster if None
 
 
-def _http_base(details: Mapping[str, Any], target: Target) -> str:
-    if target.url:
-        return target.url.rstrip("/")
-    options = details.get("http_options") or {}
-    host = options.get("host") or "127.0.0.1"
-    if host in ("0.0.0.0", "::"):
-        host = "127.0.0.1"
-    prefix = (details.get("applications", {}).get(target.app, {}).get("route_prefix") or "/").rstrip("/")
-    return f"http://{host}:{options.get('port', 8000)}{prefix}"
-
-
-# A replica in one of these states may still answer requests with what it served before.
-_LIVE_STATES = frozenset({"STARTING", "UPDATING", "RECOVERING", "RUNNING", "PENDING_MIGRATION"})
-
-
-def _replica_states(details: Mapping[str, Any], app: str) -> dict[int | None, str]:
-    """pid -> state of every replica that is or may soon be serving."""
-    deployments = details.get("applications", {}).get(app, {}).get("deployments", {})
-    replicas = deployments.get(control.DEPLOYMENT_NAME, {}).get("replicas", [])
-    return {r.get("pid"): r.get("state") for r in replicas if r.get("state") in _LIVE_STATES}
-
-
-def _all_switched(states: Mapping[int | None, str], seen: Mapping[int, Mapping[str, Any]], expect: Callable[[Mapping[str, Any]], bool]) -> bool:
+def _all_switched(view: control.ReplicaView, expect: Callable[[Mapping[str, Any]], bool]) -> bool:
     # Every live replica is RUNNING (an UPDATING one is still inside reconfigure and answers
     # with its old routing) and has itself been seen to report the new routing.
-    return bool(states) and all(
-        state == "RUNNING" and pid in seen and expect(seen[pid]["routing"]) for pid, state in states.items()
+    return bool(view.states) and all(
+        state == "RUNNING" and pid in view.statuses and expect(view.statuses[pid]["routing"])
+        for pid, state in view.states.items()
     )
 
 
@@ -78,34 +54,26 @@ def apply(
     expect: Callable[[Mapping[str, Any]], bool],
     target: Target = Target(),
     timeout_s: float = 120.0,
-) -> dict[str, Any]:
+) -> dict[int, dict[str, Any]]:
     """Redeploys the running config with `updates` to the user_config and waits until every
     replica's routing satisfies `expect`; returns the last status seen per replica."""
     config = control.with_user_config(control.deployed_config(target.address), updates, target.app)
     control.deploy(config, target.address)
-    deadline = time.monotonic() + timeout_s
-    seen: dict[int, dict[str, Any]] = {}
-    with httpx.Client(timeout=5) as client:
-        while time.monotonic() < deadline:
-            details = control.details(target.address)
-            base = _http_base(details, target)
-            try:
-                status = client.get(f"{base}/admin/status").json()
-            except (httpx.HTTPError, ValueError):
-                time.sleep(0.2)
-                continue
-            seen[status["pid"]] = status
-            error = status.get("last_reconfigure_error")
-            if error and not expect(status["routing"]):
-                raise RolloutRefused(f"replica pid {status['pid']} refused the change and keeps serving {status['routing']}: {error}")
-            states = _replica_states(details, target.app)
-            if _all_switched(states, seen, expect):
-                return {pid: seen[pid] for pid in states if pid is not None}
-            time.sleep(0.1)
-    raise TimeoutError(f"not every replica switched within {timeout_s}s; last seen: {list(seen.values())}")
+
+    def refused(status: Mapping[str, Any]) -> None:
+        error = status.get("last_reconfigure_error")
+        if error and not expect(status["routing"]):
+            raise RolloutRefused(f"replica pid {status['pid']} refused the change and keeps serving {status['routing']}: {error}")
+
+    try:
+        view = control.watch_replicas(lambda view: _all_switched(view, expect), target.address, target.app,
+                                      url=target.url, timeout_s=timeout_s, on_status=refused)
+    except control.ReplicasNotReady as exc:
+        raise TimeoutError(f"not every replica switched within {timeout_s}s; last seen: {list(exc.view.statuses.values())}") from None
+    return {pid: view.statuses[pid] for pid in view.states if pid is not None}
 
 
-def serve_version(version: str, target: Target = Target()) -> dict[str, Any]:
+def serve_version(version: str, target: Target = Target()) -> dict[int, dict[str, Any]]:
     """Every replica serves `version` alone (canary and shadow cleared)."""
     return apply(
         {"version": version, "canary": None, "shadow": None},
@@ -114,7 +82,7 @@ def serve_version(version: str, target: Target = Target()) -> dict[str, Any]:
     )
 
 
-def set_canary(version: str, weight: float, sticky_header: str | None, target: Target = Target()) -> dict[str, Any]:
+def set_canary(version: str, weight: float, sticky_header: str | None, target: Target = Target()) -> dict[int, dict[str, Any]]:
     canary = {"version": version, "weight": weight, "sticky_header": sticky_header} if weight > 0 else None
 
     def expect(routing: Mapping[str, Any]) -> bool:
@@ -125,7 +93,7 @@ def set_canary(version: str, weight: float, sticky_header: str | None, target: T
     return apply({"canary": canary}, expect, target)
 
 
-def set_shadow(version: str | None, fraction: float, target: Target = Target()) -> dict[str, Any]:
+def set_shadow(version: str | None, fraction: float, target: Target = Target()) -> dict[int, dict[str, Any]]:
     shadow = {"version": version, "fraction": fraction} if version else None
 
     def expect(routing: Mapping[str, Any]) -> bool:

@@ -3,7 +3,7 @@ within a p99 latency SLO, and write them as a ready-to-deploy config.
 
 One run:
 
-1. serves the config: a private local Ray started like the benchmark's (bench.RayDeployment,
+1. serves the config: a private local Ray started like the benchmark's (localray.RayDeployment,
    free ports, ended by pid, HAProxy included), or the app already running on a cluster
    (`--address`), whose deployed config is put back at the end, on Ctrl-C too;
 2. measures the default settings first, then sweeps `user_config.max_batch_size` and
@@ -34,19 +34,17 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import httpx
 import yaml
 
 from serve_app.ops import control
 from serve_app.ops.loadgen import run_load, wrk_path
+from serve_app.ops.localray import MODEL_NAME, RayDeployment, require_config, share_package_path
+from serve_app.ops.progress import Progress, describe_machine
 
-if TYPE_CHECKING:
-    from serve_app.ops.bench import Progress
-
-REPO = Path(__file__).resolve().parents[2]
-SETTLE_TIMEOUT_S = 180.0  # a redeploy on a busy 2-core machine has taken a minute
+SETTLE_TIMEOUT_S = 180.0  # a redeploy is slow on a busy small machine (docs/performance-notes.md)
 FULL_LADDER = (1, 4, 16, 32, 64, 128)
 SHORT_LADDER = (4, 16, 64)  # tiny budgets: fewer, wider steps
 IRIS_ROW = [5.1, 3.5, 1.4, 0.2]
@@ -79,7 +77,7 @@ class Setting:
 def _deployment(config: Mapping[str, Any], app: str) -> dict[str, Any]:
     for entry in control.find_app(config, app).get("deployments") or []:
         if entry.get("name") == control.DEPLOYMENT_NAME:
-            return entry  # type: ignore[no-any-return]
+            return entry
     return {}
 
 
@@ -90,10 +88,12 @@ def default_setting(config: Mapping[str, Any], app: str = control.APP_NAME) -> S
 
     entry = _deployment(config, app)
     runtime = RuntimeSettings.model_validate(entry.get("user_config") or {})
+    # A serve.Deployment at run time; mypy sees the class its decorator wrapped.
+    deployment: Any = ModelServer
     return Setting(
         replicas=int(entry.get("num_replicas") or 1),
         # Left out of the YAML: the @serve.deployment(...) default in deployment.py.
-        max_ongoing=int(entry.get("max_ongoing_requests") or ModelServer.max_ongoing_requests),
+        max_ongoing=int(entry.get("max_ongoing_requests") or deployment.max_ongoing_requests),
         max_batch_size=runtime.max_batch_size,
         batch_wait_timeout_s=runtime.batch_wait_timeout_s,
     )
@@ -157,43 +157,36 @@ class Deployed:
     def settle(self, want: Setting, timeout_s: float) -> None:
         """Waits for RUNNING, exactly `want.replicas` replicas all RUNNING with Serve's config
         updated, and each of their pids answering /admin/status with the new batch settings."""
-        deadline = time.monotonic() + timeout_s
         last = "no status yet"
-        with httpx.Client(timeout=5) as client:
-            while time.monotonic() < deadline:
-                app = control.details(self.dashboard).get("applications", {}).get(self.app, {})
-                deployment = app.get("deployments", {}).get(control.DEPLOYMENT_NAME, {})
-                replicas = deployment.get("replicas", [])
-                declared = deployment.get("deployment_config", {})
-                problem = control.failure(self.app, app)
-                if problem is not None and problem.final:
-                    raise control.DeployFailed(problem)
-                running = {r.get("pid") for r in replicas if r.get("state") == "RUNNING"}
-                ready = (app.get("status") == "RUNNING" and len(replicas) == want.replicas == len(running)
-                         and declared.get("num_replicas") == want.replicas
-                         and declared.get("max_ongoing_requests") == want.max_ongoing)
-                if not ready:
-                    last = f"app {app.get('status')}, replicas {[r.get('state') for r in replicas]}"
-                    time.sleep(0.3)
-                    continue
-                seen: dict[int, dict[str, Any]] = {}
-                for _ in range(20 * want.replicas):  # HAProxy spreads the polls over the replicas
-                    try:
-                        status = client.get(f"{self.url}/admin/status").json()
-                    except (httpx.HTTPError, ValueError) as exc:
-                        last = repr(exc)
-                        break
-                    seen[status["pid"]] = status
-                    if running <= set(seen):
-                        break
-                good = {pid for pid, s in seen.items()
-                        if s["max_batch_size"] == want.max_batch_size
-                        and abs(s["batch_wait_timeout_s"] - want.batch_wait_timeout_s) < 1e-9}
-                if running and running <= good:
-                    return
-                last = f"replicas {sorted(running)} answered {[(p, s['max_batch_size'], s['batch_wait_timeout_s']) for p, s in seen.items()]}"
-                time.sleep(0.2)
-        raise TimeoutError(f"{want.label} not in effect on every replica within {timeout_s:g}s: {last}")
+
+        def in_effect(view: control.ReplicaView) -> bool:
+            nonlocal last
+            app = view.details.get("applications", {}).get(self.app, {})
+            deployment = app.get("deployments", {}).get(control.DEPLOYMENT_NAME, {})
+            replicas = deployment.get("replicas", [])
+            declared = deployment.get("deployment_config", {})
+            problem = control.failure(self.app, app)
+            if problem is not None and problem.final:
+                raise control.DeployFailed(problem)
+            running = {r.get("pid") for r in replicas if r.get("state") == "RUNNING"}
+            ready = (app.get("status") == "RUNNING" and len(replicas) == want.replicas == len(running)
+                     and declared.get("num_replicas") == want.replicas
+                     and declared.get("max_ongoing_requests") == want.max_ongoing)
+            if not ready:
+                last = f"app {app.get('status')}, replicas {[r.get('state') for r in replicas]}"
+                return False
+            answered = {pid: view.statuses[pid] for pid in running if pid in view.statuses}
+            good = {pid for pid, s in answered.items()
+                    if s["max_batch_size"] == want.max_batch_size
+                    and abs(s["batch_wait_timeout_s"] - want.batch_wait_timeout_s) < 1e-9}
+            last = f"replicas {sorted(running)} answered {[(p, s['max_batch_size'], s['batch_wait_timeout_s']) for p, s in answered.items()]}"
+            return bool(running) and running <= good
+
+        try:
+            control.watch_replicas(in_effect, self.dashboard, self.app, url=self.url, timeout_s=timeout_s,
+                                   polls_per_replica=20)  # HAProxy spreads the polls over the replicas
+        except control.ReplicasNotReady:
+            raise TimeoutError(f"{want.label} not in effect on every replica within {timeout_s:g}s: {last}") from None
 
 
 # ---- measuring --------------------------------------------------------------------------------
@@ -376,28 +369,28 @@ def patched_yaml(config_path: Path, setting: Setting, header: Sequence[str], app
         if len(pattern.findall(patched)) != 1:
             patched = ""
             break
-        patched = pattern.sub(lambda m, v=value: f"{m.group(1)}{v}{m.group(3) or ''}", patched)
+        patched = pattern.sub(lambda m: f"{m.group(1)}{value}{m.group(3) or ''}", patched)
     if not patched or yaml.safe_load(patched) != wanted:
         patched = yaml.safe_dump(wanted, sort_keys=False)
     return "".join(f"# {line}\n" if line else "#\n" for line in header) + patched
 
 
-def markdown(report: Mapping[str, Any]) -> str:
-    lines = [f"# serve-app tune ({report['started']})", "", f"Command: `{report['command']}`  ",
-             f"Machine: {report['machine']}; load generator: {report['generator']}; {report['step_s']:g} s per point; "
-             f"SLO p99 <= {report['slo_p99_ms']:g} ms; budget {report['budget_s']:g} s, sweep took {report['sweep_s']:.0f} s.", ""]
-    lines += [f"**{line}**" if i == 0 else line for i, line in enumerate(report["verdict"])]
+def markdown(outcome: Mapping[str, Any]) -> str:
+    lines = [f"# serve-app tune ({outcome['started']})", "", f"Command: `{outcome['command']}`  ",
+             f"Machine: {outcome['machine']}; load generator: {outcome['generator']}; {outcome['step_s']:g} s per point; "
+             f"SLO p99 <= {outcome['slo_p99_ms']:g} ms; budget {outcome['budget_s']:g} s, sweep took {outcome['sweep_s']:.0f} s.", ""]
+    lines += [f"**{line}**" if i == 0 else line for i, line in enumerate(outcome["verdict"])]
     lines += ["", "Each row is one run. A setting is chosen at a concurrency only if every run of it reached "
               "that concurrency and met the SLO there, with the worst run's figures (settings measured again "
               "when the budget left time: phase `repeat`)."]
     lines += ["", "| phase | setting | connections | req/s | p50 ms | p90 ms | p99 ms | requests | failed | SLO | load 1m |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
-    for p in report["points"]:
+    for p in outcome["points"]:
         lines.append(f"| {p['phase']} | {p['setting']} | {p['connections']} | {p['req_s']:,.0f} | {p['p50_ms']:.2f} | "
                      f"{p['p90_ms']:.2f} | {p['p99_ms']:.2f} | {p['requests']} | {p['failed']} | "
                      f"{'yes' if p['meets_slo'] else 'no'} | {p['load_avg_1m']:.1f} |")
-    if report["skipped"]:
-        lines += ["", "Not measured (budget): " + "; ".join(report["skipped"])]
+    if outcome["skipped"]:
+        lines += ["", "Not measured (budget): " + "; ".join(outcome["skipped"])]
     lines += ["", "![p99 against throughput](tune.png)", ""]
     return "\n".join(lines)
 
@@ -468,7 +461,7 @@ class TuneOptions:
 class _Started:
     """What was started for the run, for ending it (or None when tuning an existing cluster)."""
 
-    deployment: Any = None
+    deployment: RayDeployment | None = None
     work_dir: Path | None = None
 
 
@@ -491,10 +484,9 @@ def _plan(default: Setting, options: TuneOptions) -> Iterator[tuple[str, Setting
 
 
 def run(options: TuneOptions) -> dict[str, Any]:
-    from serve_app.ops.bench import MODEL_NAME, Progress, RayDeployment, _machine
-
+    require_config(options.config)  # tuned.yaml is a patched copy of it, --address or not
     log = Progress("tune")
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    share_package_path()
     generator = options.generator
     if generator == "auto":
         generator = "wrk" if wrk_path() else "python"
@@ -514,9 +506,7 @@ def run(options: TuneOptions) -> dict[str, Any]:
         if options.address:
             log(f"tuning app {options.app!r} on the running cluster at {options.address}")
             original = control.deployed_config(options.address)
-            from serve_app.ops.rollout import Target, _http_base
-
-            url = options.url or _http_base(control.details(options.address), Target(options.address, options.app))
+            url = control.http_base(control.details(options.address), options.app, options.url)
             target = Deployed(copy.deepcopy(original), options.address, url, options.app)
         else:
             from serve_app.model.predictor import Predictor
@@ -530,7 +520,7 @@ def run(options: TuneOptions) -> dict[str, Any]:
 
             expected = int(Predictor.load(store, MODEL_NAME).predict(np.array([IRIS_ROW]))[0])
             log(f"starting a private Ray and deploying {options.config} (fast path, free ports)")
-            started.deployment = RayDeployment(options.config, store.root, started.work_dir, log)  # type: ignore[arg-type]
+            started.deployment = RayDeployment(options.config, store.root, started.work_dir, log)
             started.deployment.start()
             target = Deployed(copy.deepcopy(started.deployment.config), started.deployment.dashboard,
                               started.deployment.base_url, options.app)
@@ -581,7 +571,7 @@ def run(options: TuneOptions) -> dict[str, Any]:
             signal.signal(sig, handler)
     sweep_s = time.monotonic() - ready_at
     try:
-        report = _report(options, sweep, interrupted, restored, sweep_s, generator, _machine(), error, original)
+        outcome = _write_outputs(options, sweep, interrupted, restored, sweep_s, generator, describe_machine(), error, original)
     finally:
         if started.deployment is not None:
             log("stopping Ray and HAProxy (by pid)")
@@ -589,11 +579,11 @@ def run(options: TuneOptions) -> dict[str, Any]:
             log.done("stopped")
         if started.work_dir is not None:
             shutil.rmtree(started.work_dir, ignore_errors=True)
-    report["deployment_processes"] = sorted(started.deployment.seen) if started.deployment else []
-    report["total_s"] = time.monotonic() - log.start
-    (options.out / "tune.json").write_text(json.dumps(report, indent=2))
-    log(f"wrote {options.out / 'tune.md'}, tune.json, tune.png, tuned.yaml; {report['total_s']:.0f} s in all")
-    return report
+    outcome["deployment_processes"] = sorted(started.deployment.seen) if started.deployment else []
+    outcome["total_s"] = time.monotonic() - log.start
+    (options.out / "tune.json").write_text(json.dumps(outcome, indent=2))
+    log(f"wrote {options.out / 'tune.md'}, tune.json, tune.png, tuned.yaml; {outcome['total_s']:.0f} s in all")
+    return outcome
 
 
 def _sweep(sweep: Sweep, default: Setting, planned: Sequence[tuple[str, Setting | None]],
@@ -667,7 +657,7 @@ def _confirm(sweep: Sweep, default: Setting, measured: Sequence[Setting], option
             sweep.skipped.append(phase)
 
 
-def _report(options: TuneOptions, sweep: Sweep | None, interrupted: bool, restored: str, sweep_s: float,
+def _write_outputs(options: TuneOptions, sweep: Sweep | None, interrupted: bool, restored: str, sweep_s: float,
             generator: str, machine: str, error: str = "", original: Mapping[str, Any] | None = None) -> dict[str, Any]:
     points = sweep.points if sweep else []
     searched = [p for p in points if not p.phase.startswith("confirm")]
@@ -721,7 +711,7 @@ def _report(options: TuneOptions, sweep: Sweep | None, interrupted: bool, restor
     verdict.append(f"Machine load (1 min average) during the points: "
                    f"{min((p.load_avg_1m for p in points), default=0):.1f}-{max((p.load_avg_1m for p in points), default=0):.1f} "
                    f"on {os.cpu_count()} CPUs: other work shares this machine, so figures are indicative.")
-    report: dict[str, Any] = {
+    outcome: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": "serve-app tune " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["tune"] else []),
         "machine": machine,
@@ -745,13 +735,13 @@ def _report(options: TuneOptions, sweep: Sweep | None, interrupted: bool, restor
     if original is not None and options.app not in {a.get("name") for a in control.load_config(options.config)["applications"]}:
         source = original  # --address with an app the file does not have: the cluster's own config
     final = recommended or default_setting(source or control.load_config(options.config), options.app)
-    header = [f"serve-app tune, {report['started']}: SLO p99 <= {options.slo_p99_ms:g} ms, 1-row POST /predict, "
-              f"{report['generator']}.", *verdict,
+    header = [f"serve-app tune, {outcome['started']}: SLO p99 <= {options.slo_p99_ms:g} ms, 1-row POST /predict, "
+              f"{outcome['generator']}.", *verdict,
               "Tuned keys: " + ", ".join(f"{k}={v}" for k, v in _values(final).items()) + "."]
     (options.out / "tuned.yaml").write_text(patched_yaml(options.config, final, header, options.app, source))
-    (options.out / "tune.md").write_text(markdown(report))
+    (options.out / "tune.md").write_text(markdown(outcome))
     plot(points, options.slo_p99_ms, chosen, options.out / "tune.png")
     print_table(points)
     for line in verdict:
         print("  " + line)
-    return report
+    return outcome

@@ -104,10 +104,12 @@ class ServeBatcher(Generic[Item]):
         async def run_batch(items: list[Item]) -> list[Any]:
             return list(run(items))
 
-        self._batched = serve.batch(
-            run_batch, max_batch_size=max_rows, batch_wait_timeout_s=wait_s,
+        batch = serve.batch(
+            max_batch_size=max_rows, batch_wait_timeout_s=wait_s,
             batch_size_fn=lambda items: sum(size_of(item) for item in items),
         )
+        # Ray's hints type the batched function as a plain callable; it also has the setters.
+        self._batched: Any = batch(run_batch)
 
     def configure(self, *, max_rows: int, wait_s: float) -> None:
         self._batched.set_max_batch_size(max_rows)

@@ -1,22 +1,27 @@
 """The Ray Serve deployment: one replica holds the models, batches requests and serves HTTP.
 
-HTTP is served by the replica itself (see `http.py`), so a request costs one hop from the
-ingress (HAProxy or Ray's proxy) and no handle call. Python code in the cluster calls the
+HTTP is served by the replica itself (see `serving/http/`), so a request costs one hop from
+the ingress (HAProxy or Ray's proxy) and no handle call. Python code in the cluster calls the
 same batched path through a deployment handle:
 
     handle = serve.get_app_handle("serve_app")
     handle.predict.remote([[5.1, 3.5, 1.4, 0.2]]).result()   # -> array([0])
+
+Every request, over HTTP or a handle, is one `RequestRecord` counted once by `self.ledger`
+(serving/ledger.py), which also feeds the monitor.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import logging
 import os
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Mapping, Sequence
+from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
 
 import numpy as np
 from ray import serve
@@ -27,9 +32,10 @@ from serve_app.monitoring import replica_monitor
 from serve_app.model.predictor import PREDICT, PREDICT_PROBA, Predictor
 from serve_app.serving.versions import ModelVersions
 from serve_app.settings import AppSettings, RuntimeSettings, runtime_settings
-from serve_app.serving.ledger import TrafficLedger
+from serve_app.serving.ledger import RequestLedger, RequestRecord
 
 logger = logging.getLogger("ray.serve")
+MAX_SHADOW_BACKLOG = 64  # shadow calls waiting for the shadow thread; more are skipped and counted
 
 
 @dataclass(frozen=True)
@@ -54,7 +60,9 @@ def _rows_in(items: Sequence[_BatchItem]) -> int:
     return sum(len(item.rows) for item in items)
 
 
-def _run_group(predictor: Predictor, items: Sequence[_BatchItem]) -> list[dict[str, np.ndarray]]:
+def _run_timed(predictor: Predictor, items: Sequence[_BatchItem]) -> tuple[list[dict[str, np.ndarray]], float]:
+    """The model's answers for `items` in one call, and how long the call took."""
+    started = time.perf_counter()
     rows = items[0].rows if len(items) == 1 else np.concatenate([item.rows for item in items])
     wanted = {name for item in items for name in item.outputs}
     computed = {name: getattr(predictor, name)(rows) for name in (PREDICT, PREDICT_PROBA) if name in wanted}
@@ -64,7 +72,7 @@ def _run_group(predictor: Predictor, items: Sequence[_BatchItem]) -> list[dict[s
         stop = start + len(item.rows)
         results.append({name: computed[name][start:stop] for name in item.outputs})
         start = stop
-    return results
+    return results, time.perf_counter() - started
 
 
 @serve.deployment(
@@ -83,12 +91,13 @@ class ModelServer:
         self.settings = AppSettings.model_validate(settings)
         self.versions = ModelVersions(self.settings)
         self.runtime = RuntimeSettings()
-        self.traffic = TrafficLedger()
         self.last_reconfigure_error: str | None = None
-        self.batches = {"batches": 0, "requests": 0}  # how well requests are grouped (status)
         self.monitor = replica_monitor(self.settings)  # None when args.monitoring.enabled is false
-        # MicroBatcher by default, not @serve.batch: that cost 300-900 µs a request here
-        # (see serve_app/serving/batching.py); `user_config.batcher: serve` selects it.
+        self.ledger = RequestLedger(self.monitor)  # each request and model call, counted once
+        self._shadow_runner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="serve_app-shadow")
+        self._shadow_backlog = 0
+        # MicroBatcher by default, not @serve.batch (see serve_app/serving/batching.py);
+        # `user_config.batcher: serve` selects it.
         self._batcher: Any = self._new_batcher(self.runtime)
 
     def reconfigure(self, user_config: Mapping[str, Any]) -> None:
@@ -121,82 +130,118 @@ class ModelServer:
         self.versions.default.check_health()
 
     def _predict_batch(self, items: Sequence[_BatchItem]) -> list[dict[str, np.ndarray]]:
-        self.batches["batches"] += 1
-        self.batches["requests"] += len(items)
         first = items[0].predictor
         if all(item.predictor is first for item in items):
-            return self._run_timed(first, items)
+            return self._run_recorded(first, items)
         results: list[dict[str, np.ndarray]] = [{} for _ in items]
         by_predictor: dict[int, list[int]] = {}
         for index, item in enumerate(items):
             by_predictor.setdefault(id(item.predictor), []).append(index)
         for indices in by_predictor.values():
             group = [items[i] for i in indices]
-            for index, result in zip(indices, self._run_timed(group[0].predictor, group)):
+            for index, result in zip(indices, self._run_recorded(group[0].predictor, group)):
                 results[index] = result
         return results
 
-    def _run_timed(self, predictor: Predictor, items: Sequence[_BatchItem]) -> list[dict[str, np.ndarray]]:
-        if self.monitor is None:
-            return _run_group(predictor, items)
-        started = time.perf_counter()
-        results = _run_group(predictor, items)
-        self.monitor.observe_batch(predictor, _rows_in(items), time.perf_counter() - started)
+    def _run_recorded(self, predictor: Predictor, items: Sequence[_BatchItem]) -> list[dict[str, np.ndarray]]:
+        results, seconds = _run_timed(predictor, items)
+        self.ledger.model_call(predictor, len(items), _rows_in(items), seconds)
         return results
 
-    async def infer(self, predictor: Predictor, rows: Any, outputs: Sequence[str] = (PREDICT,)) -> InferenceResult:
+    async def infer(
+        self, predictor: Predictor, rows: Any, outputs: Sequence[str] = (PREDICT,), request: RequestRecord | None = None
+    ) -> InferenceResult:
         """Validates `rows` and predicts them with `predictor` (from `versions.resolve`), in a
-        batch with other concurrent requests."""
-        started = time.perf_counter()
-        try:
-            outputs = tuple(outputs)
-            predictor.check_outputs(outputs)
-            array = predictor.validate(rows)
-            item = _BatchItem(predictor, array, outputs)
-            if len(array) > self.runtime.max_batch_size:
-                # Already a full batch on its own. Off the event loop: there it would keep
-                # every other request waiting uncounted (Ray Serve counts a direct-ingress
-                # request as ongoing only once the loop gets to it), so the autoscaler saw
-                # ~0 ongoing requests under heavy load and never scaled up.
-                result = (await asyncio.to_thread(self._run_timed, predictor, [item]))[0]
-            else:
-                result = await self._batcher.submit(item)
-        except ServeAppError:
-            self.traffic.failed(predictor.version)
-            raise
-        self.traffic.answered(predictor.version, len(array), time.perf_counter() - started)
-        if self.monitor is not None:
-            self.monitor.observe(predictor, array, result, time.perf_counter() - started)
+        batch with other concurrent requests.
+
+        `request` is the record of the request being answered (the route wrapper's, or a
+        handle method's); without one, this call is recorded as a request of its own.
+        """
+        if request is None:
+            with self._recording("handle:infer") as record:
+                return await self.infer(predictor, rows, outputs, record)
+        request.model, request.version = predictor.name, predictor.version
+        outputs = tuple(outputs)
+        predictor.check_outputs(outputs)
+        array = predictor.validate(rows)
+        item = _BatchItem(predictor, array, outputs)
+        if len(array) > self.runtime.max_batch_size:
+            # Already a full batch on its own. Off the event loop: there it would keep
+            # every other request waiting uncounted (Ray Serve counts a direct-ingress
+            # request as ongoing only once the loop gets to it), so the autoscaler never
+            # saw the load and never scaled up.
+            results, seconds = await asyncio.to_thread(_run_timed, predictor, [item])
+            self.ledger.model_call(predictor, 1, len(array), seconds)
+            result = results[0]
+        else:
+            result = await self._batcher.submit(item)
+        self.ledger.predicted(request, predictor, array, result)
         routing = self.versions.routing
         if routing is not None and routing.shadow is not None and predictor is routing.default and PREDICT in result:
             if random.random() < routing.shadow_fraction:
-                # After the answer is on its way: the shadow never delays or changes it.
-                asyncio.get_running_loop().call_soon(self._compare_shadow, routing.shadow, array, result[PREDICT])
+                self._shadow(routing.shadow, array, result[PREDICT])
         return InferenceResult(predictor.name, predictor.version, result)
 
-    def _compare_shadow(self, shadow: Predictor, rows: np.ndarray, served: np.ndarray) -> None:
+    def _shadow(self, shadow: Predictor, rows: np.ndarray, served: np.ndarray) -> None:
+        """Predicts `rows` with the shadow in its own thread: it never delays or changes an answer,
+        nor holds up the event loop; past MAX_SHADOW_BACKLOG waiting calls a sample is skipped."""
+        if self._shadow_backlog >= MAX_SHADOW_BACKLOG:
+            self.ledger.shadow_skipped(shadow.version)
+            return
+        self._shadow_backlog += 1
+        loop = asyncio.get_running_loop()
+
+        def run() -> None:
+            try:
+                shadowed: np.ndarray | None = shadow.predict(rows)
+            except Exception:
+                logger.exception("shadow v%s failed", shadow.version)
+                shadowed = None
+            loop.call_soon_threadsafe(self._shadow_done, shadow.version, served, shadowed)
+
+        self._shadow_runner.submit(run)
+
+    def _shadow_done(self, version: str, served: np.ndarray, shadowed: np.ndarray | None) -> None:
+        self._shadow_backlog -= 1
+        self.ledger.compared(version, served, shadowed)
+
+    @contextlib.contextmanager
+    def _recording(self, route: str) -> Iterator[RequestRecord]:
+        """One request of a handle method, recorded once in the ledger whatever its outcome."""
+        record = RequestRecord(route)
+        status = 500
         try:
-            shadowed = shadow.predict(rows)
-        except Exception:
-            logger.exception("shadow v%s failed", shadow.version)
-            shadowed = None
-        self.traffic.compared(shadow.version, served, shadowed)
+            yield record
+            status = 200
+        except ServeAppError as exc:
+            status = exc.status_code
+            raise
+        finally:
+            record.finish(status)
+            self.ledger.record(record)
+
+    async def _predict(self, route: str, rows: Any, version: str | None, output: str) -> np.ndarray:
+        with self._recording(route) as record:
+            result = await self.infer(await self.versions.resolve(version), rows, (output,), record)
+            return result.outputs[output]
 
     async def predict(self, rows: Any, version: str | None = None) -> np.ndarray:
-        return (await self.infer(await self.versions.resolve(version), rows, (PREDICT,))).outputs[PREDICT]
+        return await self._predict("handle:predict", rows, version, PREDICT)
 
     async def predict_proba(self, rows: Any, version: str | None = None) -> np.ndarray:
-        return (await self.infer(await self.versions.resolve(version), rows, (PREDICT_PROBA,))).outputs[PREDICT_PROBA]
+        return await self._predict("handle:predict_proba", rows, version, PREDICT_PROBA)
 
     async def predict_stream(
         self, rows: Any, chunk_rows: int = 1024, version: str | None = None
     ) -> AsyncIterator[np.ndarray]:
         """Predictions for many rows, chunk by chunk as they are computed, for
-        `handle.options(stream=True).predict_stream.remote(rows)`; for an input that is
-        itself a stream, see `serve_app.serving.http.streaming.predict_iter`."""
-        array = np.asarray(rows)
-        for start in range(0, len(array), chunk_rows):
-            yield await self.predict(array[start : start + chunk_rows], version)
+        `handle.options(stream=True).predict_stream.remote(rows)`: one request, one
+        version. For an input that is itself a stream, see `serve_app.client.predict_iter`."""
+        with self._recording("handle:predict_stream") as record:
+            predictor = await self.versions.resolve(version)
+            array = np.asarray(rows)
+            for start in range(0, len(array), chunk_rows):
+                yield (await self.infer(predictor, array[start : start + chunk_rows], (PREDICT,), record)).outputs[PREDICT]
 
     def status(self) -> dict[str, Any]:
         """What this replica serves right now (for operators and tests)."""
@@ -205,20 +250,20 @@ class ModelServer:
             "model": self.versions.name,
             "version": self.versions.default.version,
             "routing": self.versions.routing.describe() if self.versions.routing else None,
-            "traffic": self.traffic.as_dict(),
+            "traffic": self.ledger.traffic(),
             "requested_version": self.runtime.version,
             "loaded_versions": self.versions.loaded_versions(),
             "max_batch_size": self.runtime.max_batch_size,
             "batch_wait_timeout_s": self.runtime.batch_wait_timeout_s,
             "batcher": self.runtime.batcher,
-            "batches": dict(self.batches),
+            "batches": self.ledger.batches(),
             "last_reconfigure_error": self.last_reconfigure_error,
             "monitor": self.monitor.stats() if self.monitor is not None else None,
         }
 
     def __del__(self) -> None:
         # Ray Serve calls this on graceful shutdown, after in-flight requests are done:
-        # write the rest of the prediction log and send the hub the last report.
+        # write the rest of the prediction log and send the hub the last update.
         monitor = getattr(self, "monitor", None)
         if monitor is not None:
             monitor.close()

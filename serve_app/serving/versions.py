@@ -205,7 +205,10 @@ class ModelVersions:
         if ref == self.default_ref:
             return self.default
         version = self.catalog.resolve(ref)
-        return self._cached(version) or await asyncio.wrap_future(self._load_in_background(version))
+        cached = self._cached(version)
+        if cached is not None:
+            return cached
+        return await asyncio.wrap_future(self._load_in_background(version))
 
     def _load_in_background(self, version: str) -> concurrent.futures.Future[Predictor]:
         with self._lock:

@@ -1,4 +1,4 @@
-"""HTTP for monitoring: request metrics on every route, and the monitoring endpoints.
+"""HTTP for monitoring: the feedback, drift, accuracy and dashboard endpoints.
 
     POST /feedback                      {"request_id": "...", "label": 0}  (or "labels": [...],
     POST /v2/models/{name}/feedback      or a list of such objects) -> joined with the prediction
@@ -7,58 +7,35 @@
     GET  /v2/models/{name}/monitoring   all of it plus traffic, for `serve-app report`
     GET  /dashboard                     the same as an HTML page with plots
 
-`observe_routes` wraps each route so every answer (200 or 4xx/5xx alike) is counted by
-route template, model, version and status, and timed. The `x-request-id` that /feedback
-takes is Ray Serve's request id: the client's header if it sent one, else one Serve made;
+Every route's requests are counted and timed by the one route wrapper
+(serving/http/endpoint.py) in the replica's ledger (serving/ledger.py). The `x-request-id`
+that /feedback takes is Ray Serve's request id: the client's header if it sent one, else one Serve made;
 Ray Serve itself echoes it in every answer (through its proxy and with HAProxy alike).
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
-from starlette.routing import Route
 
-from serve_app.protocol import codec
+from serve_app.protocol.json import dumps, loads
 from serve_app.errors import InvalidInput, NotFound
 from serve_app.monitoring.monitor import Monitor
+from serve_app.serving.http.endpoint import Endpoint, InferenceBackend, json_body
+from serve_app.serving.ledger import RequestRecord
 
 MAX_FEEDBACK_ITEMS = 10_000
 FEEDBACK_EXAMPLE = '{"request_id": "<x-request-id of the prediction>", "label": 0}'
-Handler = Callable[[Request], Awaitable[Response]]
-
-
-def observe_routes(routes: list[Route], backend: Any) -> list[Route]:
-    """The same routes, each counted and timed by the backend's monitor (if it has one)."""
-    default_model = getattr(getattr(backend, "settings", None), "model", "")
-
-    def observed(handler: Handler, template: str) -> Handler:
-        async def wrapped(request: Request) -> Response:
-            started = time.perf_counter()
-            response = await handler(request)
-            monitor: Monitor | None = getattr(backend, "monitor", None)
-            if monitor is not None:
-                headers = response.headers
-                monitor.observe_http(
-                    template, headers.get("x-model-name", default_model), headers.get("x-model-version", ""),
-                    response.status_code, time.perf_counter() - started,
-                )
-            return response
-
-        return wrapped
-
-    return [Route(r.path, observed(r.endpoint, r.path), methods=r.methods, name=r.name) for r in routes]
 
 
 def decode_feedback(body: bytes) -> list[dict[str, Any]]:
     """`{"request_id", "label"|"labels"}` or a list of them -> [{"request_id", "labels": [...]}]."""
     if not body:
         raise InvalidInput(f"request body is empty; expected JSON such as {FEEDBACK_EXAMPLE}")
-    payload = codec.loads(body)
+    payload = loads(body)
     items = payload if isinstance(payload, list) else [payload]
     if not items:
         raise InvalidInput(f"no feedback given; expected an object such as {FEEDBACK_EXAMPLE} or a list of them")
@@ -87,12 +64,14 @@ def decode_feedback(body: bytes) -> list[dict[str, Any]]:
     return decoded
 
 
-def monitoring_routes(backend: Any, endpoint: Callable[[Handler], Handler], read_json: Callable[[Request], Awaitable[bytes]]) -> list[Route]:
+def endpoints(backend: InferenceBackend) -> list[Endpoint]:
+    limit = backend.settings.max_body_bytes
+
     def monitor_of(request: Request) -> Monitor:
         name = request.path_params.get("name")
         if name is not None:
             backend.versions.check_model(name)  # an unknown model is a 404
-        monitor: Monitor | None = getattr(backend, "monitor", None)
+        monitor: Monitor | None = backend.monitor
         if monitor is None or monitor.hub is None:
             raise NotFound("monitoring is disabled in this application's config (args.monitoring.enabled)")
         return monitor
@@ -103,17 +82,17 @@ def monitoring_routes(backend: Any, endpoint: Callable[[Handler], Handler], read
         assert monitor.hub is not None
         return await monitor.hub.call(method, *args)
 
-    async def feedback(request: Request) -> Response:
+    async def feedback(request: Request, record: RequestRecord) -> Response:
         monitor = monitor_of(request)
-        items = decode_feedback(await read_json(request))
+        items = decode_feedback(await json_body(request, limit))
         result = await from_hub(monitor, "feedback", items)
         return codec_response(result)
 
-    async def drift(request: Request) -> Response:
+    async def drift(request: Request, record: RequestRecord) -> Response:
         monitor = monitor_of(request)
         return codec_response(await from_hub(monitor, "drift", backend.versions.name))
 
-    async def accuracy(request: Request) -> Response:
+    async def accuracy(request: Request, record: RequestRecord) -> Response:
         monitor = monitor_of(request)
         return codec_response(await from_hub(monitor, "accuracy", backend.versions.name))
 
@@ -123,28 +102,28 @@ def monitoring_routes(backend: Any, endpoint: Callable[[Handler], Handler], read
         summary["replica"] = {"id": monitor.replica, **monitor.stats()}
         return summary
 
-    async def monitoring(request: Request) -> Response:
+    async def monitoring(request: Request, record: RequestRecord) -> Response:
         return codec_response(await summary_of(request))
 
-    async def dashboard(request: Request) -> Response:
-        from serve_app.ops.report import render_html
+    async def dashboard(request: Request, record: RequestRecord) -> Response:
+        from serve_app.monitoring.dashboard import render_html
 
         summary = await summary_of(request)
         page = await asyncio.to_thread(render_html, summary, str(request.base_url).rstrip("/"))
         return HTMLResponse(page)
 
     return [
-        Route("/feedback", endpoint(feedback), methods=["POST"]),
-        Route("/v2/models/{name}/feedback", endpoint(feedback), methods=["POST"]),
-        Route("/v2/models/{name}/drift", endpoint(drift), methods=["GET"]),
-        Route("/v2/models/{name}/accuracy", endpoint(accuracy), methods=["GET"]),
-        Route("/v2/models/{name}/monitoring", endpoint(monitoring), methods=["GET"]),
-        Route("/dashboard", endpoint(dashboard), methods=["GET"]),
+        Endpoint("/feedback", feedback, ("POST",)),
+        Endpoint("/v2/models/{name}/feedback", feedback, ("POST",)),
+        Endpoint("/v2/models/{name}/drift", drift, ("GET",)),
+        Endpoint("/v2/models/{name}/accuracy", accuracy, ("GET",)),
+        Endpoint("/v2/models/{name}/monitoring", monitoring, ("GET",)),
+        Endpoint("/dashboard", dashboard, ("GET",)),
     ]
 
 
 def codec_response(payload: Any) -> Response:
-    return Response(codec.dumps(payload), media_type="application/json")
+    return Response(dumps(payload), media_type="application/json")
 
 
 def openapi_paths() -> dict[str, Any]:

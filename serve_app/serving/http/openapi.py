@@ -109,12 +109,12 @@ def openapi_document(model: str) -> dict[str, Any]:
         "properties": {"name": {"type": "string"}, "versions": {"type": "array", "items": {"type": "string"}}, "platform": {"type": "string"}, "inputs": {"type": "array"}, "outputs": {"type": "array"}},
     }
     ready = {"type": "object", "required": ["ready"], "properties": {"ready": {"type": "boolean"}, "name": {"type": "string"}, "version": {"type": "string"}}}
-    seed_request = {
+    predict_request = {
         "type": "object",
         "required": ["features"],
         "properties": {"features": {"oneOf": [{"type": "array", "minItems": 1, "items": {"type": "number"}}, NUMBER_ROWS]}},
     }
-    seed_response = {
+    predict_response = {
         "type": "object",
         "properties": {
             "prediction": LABEL,
@@ -130,7 +130,8 @@ def openapi_document(model: str) -> dict[str, Any]:
         "openapi": "3.0.3",
         "info": {"title": "serve_app", "version": "1", "description": f"Predictions from the scikit-learn model {model!r}."},
         "paths": {
-            "/predict": _post("Predict (the seed's contract)", seed_request, seed_response, 400, 401, 404, 413, 415, 422, 503),
+            "/predict": _post("Predict (serve_app's JSON API)", {"$ref": "#/components/schemas/PredictRequest"},
+                              {"$ref": "#/components/schemas/PredictResponse"}, 400, 401, 404, 413, 415, 422, 503),
             "/predict/stream": {
                 "post": {
                     "summary": "Stream predictions: NDJSON rows in (chunked), NDJSON predictions out as each line arrives",
@@ -159,6 +160,8 @@ def openapi_document(model: str) -> dict[str, Any]:
         "components": {
             "schemas": {
                 "Error": ERROR,
+                "PredictRequest": predict_request,
+                "PredictResponse": predict_response,
                 "V2Tensor": v2_tensor_in,
                 "V2Request": v2_request,
                 "V2Response": v2_response,

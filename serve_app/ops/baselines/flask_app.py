@@ -4,7 +4,7 @@ Only the model path and port come from the command line (the seed hard-coded
 "iris_model.pkl" and port 5000); the route, the predict call and Flask's own server
 (`app.run`, threaded) are the seed's:
 
-    python benchmarks/flask_app.py --model models/iris/1/model.skops --port 5000
+    python -m serve_app.ops.baselines.flask_app --model models/iris/1/model.skops --port 5000
 """
 
 import argparse

@@ -10,12 +10,13 @@ validation), a JSONResponse. It takes the seed's contract, one row or a list of 
 uvicorn uses uvloop and httptools when installed (they are, with uvicorn's usual extras),
 one worker, no access log (serve_app runs with its access log off too):
 
-    python benchmarks/starlette_app.py --model models/iris/1/model.skops --port 8001
+    python -m serve_app.ops.baselines.starlette_app --model models/iris/1/model.skops --port 8001
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 import uvicorn
@@ -28,7 +29,7 @@ from serve_app.model import formats as artefacts
 
 
 def build(model_path: str) -> Starlette:
-    model = artefacts.load(model_path, "skops" if model_path.endswith(".skops") else "joblib")
+    model = artefacts.load(Path(model_path), "skops" if model_path.endswith(".skops") else "joblib")
 
     async def predict(request: Request) -> JSONResponse:
         try:

@@ -1,0 +1,116 @@
+"""The Open Inference Protocol V2 (KServe V2, Triton): health, metadata and infer routes.
+
+`/v2/models/{name}/infer` takes tensors as JSON or in Triton's binary extension and
+answers in the form asked for; `.../versions/{version}/...` names a version.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from serve_app.model.predictor import PREDICT, PREDICT_PROBA, Predictor
+from serve_app.protocol import oip_v2
+from serve_app.serving.http.endpoint import (
+    JSON, Endpoint, InferenceBackend, answered_by, json_body, json_response, read_body, sticky_key,
+)
+from serve_app.serving.ledger import RequestRecord
+
+
+def endpoints(backend: InferenceBackend) -> list[Endpoint]:
+    limit = backend.settings.max_body_bytes
+
+    async def server_metadata(request: Request, record: RequestRecord) -> Response:
+        return json_response({"name": "serve_app", "version": _package_version(), "extensions": ["binary_tensor_data"]})
+
+    async def live(request: Request, record: RequestRecord) -> Response:
+        return json_response({"live": True})
+
+    async def ready(request: Request, record: RequestRecord) -> Response:
+        backend.versions.default  # raises NotFound (404) until a model is loaded
+        return json_response({"ready": True})
+
+    async def predictor_of(request: Request) -> Predictor:
+        version = request.path_params.get("version")
+        return await backend.versions.resolve(version, request.path_params["name"], None if version else sticky_key(backend, request))
+
+    async def model_metadata(request: Request, record: RequestRecord) -> Response:
+        return json_response(metadata(await predictor_of(request), backend.versions.catalog.versions))
+
+    async def model_ready(request: Request, record: RequestRecord) -> Response:
+        # A probe, open without the API key: it answers from versions already loaded here
+        # and never loads one from disk, so an unauthenticated caller cannot make a replica
+        # read (or learn about) stored versions.
+        predictor = backend.versions.loaded_predictor(request.path_params.get("version"), request.path_params["name"])
+        return json_response({"name": predictor.name, "version": predictor.version, "ready": True})
+
+    async def infer(request: Request, record: RequestRecord) -> Response:
+        predictor = await predictor_of(request)  # an unknown model or version is a 404 first
+        header_length = request.headers.get(oip_v2.BINARY_HEADER)
+        body = await (json_body(request, limit) if header_length is None else read_body(request, limit))
+        decoded = oip_v2.decode_request(body, header_length)
+        requested = decoded.outputs
+        if requested is None:  # the spec: no outputs named means all of them
+            requested = tuple(oip_v2.RequestedOutput(name, decoded.binary_default) for name in predictor.outputs)
+        # The version chosen above (canary split included) is the one that answers.
+        result = await backend.infer(predictor, decoded.rows, [output.name for output in requested], record)
+        head: dict[str, Any] = {"model_name": result.model, "model_version": result.version}
+        if decoded.id is not None:
+            head["id"] = decoded.id
+        body_out, header_len = oip_v2.encode_response(head, [(o.name, result.outputs[o.name], o.binary) for o in requested])
+        headers = answered_by(result.model, result.version)
+        if header_len is None:
+            return Response(body_out, media_type=JSON, headers=headers)
+        headers[oip_v2.BINARY_HEADER] = str(header_len)
+        return Response(body_out, media_type=oip_v2.BINARY_CONTENT_TYPE, headers=headers)
+
+    return [
+        Endpoint("/v2", server_metadata, ("GET",), private=False),
+        Endpoint("/v2/health/live", live, ("GET",), private=False),
+        Endpoint("/v2/health/ready", ready, ("GET",), private=False),
+        Endpoint("/v2/models/{name}", model_metadata, ("GET",)),
+        Endpoint("/v2/models/{name}/ready", model_ready, ("GET",), private=False),
+        Endpoint("/v2/models/{name}/infer", infer, ("POST",)),
+        Endpoint("/v2/models/{name}/versions/{version}", model_metadata, ("GET",)),
+        Endpoint("/v2/models/{name}/versions/{version}/ready", model_ready, ("GET",), private=False),
+        Endpoint("/v2/models/{name}/versions/{version}/infer", infer, ("POST",)),
+    ]
+
+
+def metadata(predictor: Predictor, versions: Sequence[str]) -> dict[str, Any]:
+    manifest = predictor.manifest
+    outputs = [{"name": PREDICT, "datatype": _label_datatype(manifest.classes), "shape": [-1]}]
+    if PREDICT_PROBA in predictor.outputs:
+        outputs.append({"name": PREDICT_PROBA, "datatype": "FP64", "shape": [-1, len(manifest.classes or [])]})
+    return {
+        "name": predictor.name,
+        "versions": list(versions),
+        "platform": "sklearn",
+        "inputs": [{"name": "input-0", "datatype": "FP64", "shape": [-1, predictor.n_features]}],
+        "outputs": outputs,
+        "parameters": {
+            "version": predictor.version,
+            "estimator": manifest.estimator,
+            "feature_names": manifest.feature_names,
+            "classes": manifest.classes,
+            "metrics": manifest.metrics,
+            "sha256": manifest.sha256,
+            "created_at": manifest.created_at,
+        },
+    }
+
+
+def _label_datatype(classes: list[Any] | None) -> str:
+    if classes is None:
+        return "FP64"
+    if all(isinstance(c, int) and not isinstance(c, bool) for c in classes):
+        return "INT64"
+    return "BYTES"
+
+
+def _package_version() -> str:
+    from serve_app import __version__
+
+    return __version__
