@@ -20,6 +20,11 @@ SettingsT = TypeVar("SettingsT", bound=BaseModel)
 
 DEFAULT_MAX_ROWS = 100_000  # rows in one request; more get 413
 
+# Which runtime a replica may use for a version: "auto" is the compiled ONNX model where the
+# version's manifest says it verified, else scikit-learn; "sklearn" is always scikit-learn.
+RuntimeChoice = Literal["auto", "sklearn"]
+RUNTIME_CHOICES: tuple[RuntimeChoice, ...] = ("auto", "sklearn")
+
 STORE_ENV = "SERVE_APP_STORE"
 DEFAULT_STORE = "models"
 
@@ -132,6 +137,25 @@ class AppSettings(BaseModel):
 
     monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
     """Metrics, prediction log, drift and live accuracy (see MonitoringSettings)."""
+
+    runtime: RuntimeChoice = "auto"
+    """"auto": serve a version with its compiled ONNX model (ONNX Runtime) when its manifest
+    says one was verified at publish time, else scikit-learn. "sklearn": always scikit-learn.
+    /admin/status and the V2 model metadata say which runtime serves and why."""
+
+    onnx_threads: Optional[int] = Field(default=None, ge=1, le=1024)
+    """ONNX Runtime threads per model. Unset: the replica's CPUs, i.e. floor of
+    `ray_actor_options.num_cpus` (at least 1), which Ray passes as OMP_NUM_THREADS."""
+
+    @field_validator("runtime", mode="before")
+    @classmethod
+    def _runtime_choice(cls, value: object) -> object:
+        if value not in RUNTIME_CHOICES:
+            raise ValueError(
+                f"runtime must be 'auto' (the verified compiled model where a version has one, else "
+                f"scikit-learn) or 'sklearn' (always scikit-learn), got {value!r}"
+            )
+        return value
 
     @field_validator("model")
     @classmethod

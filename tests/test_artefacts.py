@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import joblib
 import numpy as np
@@ -22,6 +23,9 @@ from serve_app.model.store import ModelStore
 from serve_app.model.training import save_fitted, train
 
 from .conftest import fit_dummy
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 class HomeMadeClassifier(ClassifierMixin, BaseEstimator):
@@ -182,3 +186,121 @@ def test_save_fitted_without_reference_data(store: ModelStore) -> None:
     assert manifest.feature_names == ["x0", "x1", "x2"]
     assert manifest.training_stats == {}
     assert manifest.dataset == "custom"
+
+
+# ---- gradient boosting and tabular pipelines (#16, #17), in both formats -----------------------
+
+
+def _numeric_rows() -> np.ndarray:
+    rows = np.random.default_rng(0).normal(size=(60, 3))
+    rows[::7, 0] = np.nan  # HistGradientBoosting handles missing values itself
+    return rows
+
+
+def tabular_frame() -> "pd.DataFrame":
+    import pandas as pd
+
+    rows = _numeric_rows()
+    return pd.DataFrame({
+        "plan": np.array(["basic", "pro", "team"])[np.arange(60) % 3],
+        "region": np.array(["north", "south"])[np.arange(60) % 2],
+        "city": np.array(["paris", "lyon", "nice", "lille"])[np.arange(60) % 4],
+        "active": np.arange(60) % 4 == 0,
+        "tenure": rows[:, 0],  # with NaN
+        "spend": rows[:, 1],
+        "age": rows[:, 2] * 10 + 40,
+        "unused": np.arange(60.0),
+    })
+
+
+def tabular_pipeline(head: Any) -> Any:
+    from sklearn.compose import ColumnTransformer
+    from sklearn.impute import SimpleImputer
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import MinMaxScaler, OneHotEncoder, OrdinalEncoder, StandardScaler
+
+    columns = ColumnTransformer([
+        ("onehot", OneHotEncoder(handle_unknown="ignore"), ["city", "active"]),
+        ("strict", OneHotEncoder(handle_unknown="error"), ["region"]),
+        ("ordinal", OrdinalEncoder(), ["plan"]),
+        ("impute", SimpleImputer(), ["tenure"]),
+        ("scale", StandardScaler(), ["spend"]),
+        ("minmax", MinMaxScaler(), ["age"]),
+        ("keep", "passthrough", ["spend"]),
+        ("ignored", "drop", ["unused"]),
+    ])
+    return Pipeline([("columns", columns), ("model", head)])
+
+
+def _hgb_models() -> dict[str, tuple[Any, Any]]:
+    from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
+
+    x = _numeric_rows()
+    binary, three = (np.nan_to_num(x[:, 1]) > 0).astype(int), np.arange(60) % 3
+    target = np.nan_to_num(x[:, 1])
+    frame = tabular_frame()
+    return {
+        "hgb-binary": (HistGradientBoostingClassifier(max_iter=5).fit(x, binary), x),
+        "hgb-multiclass": (HistGradientBoostingClassifier(max_iter=5).fit(x, np.array(["a", "b", "c"])[three]), x),
+        "hgb-squared-error": (HistGradientBoostingRegressor(max_iter=5).fit(x, target), x),
+        "hgb-poisson": (HistGradientBoostingRegressor(max_iter=5, loss="poisson").fit(x, np.abs(target)), x),
+        "hgb-gamma": (HistGradientBoostingRegressor(max_iter=5, loss="gamma").fit(x, np.abs(target) + 0.1), x),
+        "hgb-absolute-error": (HistGradientBoostingRegressor(max_iter=5, loss="absolute_error").fit(x, target), x),
+        "hgb-quantile": (HistGradientBoostingRegressor(max_iter=5, loss="quantile", quantile=0.3).fit(x, target), x),
+        "pipeline-hgb": (tabular_pipeline(HistGradientBoostingClassifier(max_iter=5)).fit(frame, binary), frame),
+        "pipeline-logistic": (tabular_pipeline(
+            __import__("sklearn.linear_model", fromlist=["LogisticRegression"]).LogisticRegression()).fit(frame, three),
+            frame),
+    }
+
+
+@pytest.mark.parametrize("fmt", ["skops", "joblib"])
+@pytest.mark.parametrize("name", list(_hgb_models()))
+def test_gradient_boosting_and_tabular_pipelines_round_trip(tmp_path: Path, fmt: str, name: str) -> None:
+    model, rows = _hgb_models()[name]
+    path = tmp_path / f"model.{fmt}"
+    artefacts.dump(model, path, fmt)  # type: ignore[arg-type]
+    artefacts.check(path.read_bytes(), fmt, "model")  # type: ignore[arg-type]
+    loaded = artefacts.load(path, fmt)  # type: ignore[arg-type]
+    assert np.array_equal(loaded.predict(rows), model.predict(rows))
+    if hasattr(model, "predict_proba"):
+        assert np.array_equal(loaded.predict_proba(rows), model.predict_proba(rows))
+    if name.startswith("pipeline"):
+        columns = loaded.named_steps["columns"]
+        assert columns.feature_names_in_.dtype == object and list(columns.feature_names_in_) == list(rows.columns)
+        unseen = rows.head(2).assign(city="brest")  # handle_unknown="ignore" still ignores it
+        assert np.array_equal(loaded.predict(unseen), model.predict(unseen))
+
+
+@pytest.mark.parametrize("fmt", ["skops", "joblib"])
+def test_callables_in_legitimate_models_are_refused(tmp_path: Path, fmt: str) -> None:
+    """Real models whose fitted state holds a function: refused, whichever function it is."""
+    from sklearn.compose import ColumnTransformer, make_column_selector
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import FunctionTransformer, StandardScaler
+
+    frame, y = tabular_frame(), np.arange(60) % 2
+    numeric = frame[["spend", "age"]]
+    by_dtype = ColumnTransformer([("num", StandardScaler(), make_column_selector(dtype_include="number"))])
+    categorical = HistGradientBoostingClassifier(max_iter=3, categorical_features=[2])
+    models = {
+        "make_column_selector": (Pipeline([("c", by_dtype), ("m", LogisticRegression())]).fit(numeric, y),
+                                 "make_column_selector"),
+        "FunctionTransformer(np.log1p)": (Pipeline([("f", FunctionTransformer(np.log1p)), ("m", LogisticRegression())])
+                                          .fit(numeric.abs(), y), "log1p"),
+        "FunctionTransformer(an allowed class)": (
+            Pipeline([("f", FunctionTransformer(StandardScaler)), ("m", LogisticRegression())]), "func"),
+        "FunctionTransformer(kw_args)": (
+            Pipeline([("f", FunctionTransformer(kw_args={"copy": True})), ("m", LogisticRegression())]), "kw_args"),
+        # categorical_features makes HistGradientBoosting keep a FunctionTransformer(partial(check_array)).
+        "HistGradientBoosting(categorical_features)": (
+            categorical.fit(np.c_[numeric.to_numpy(), np.arange(60) % 4], y), "functools.partial"),
+    }
+    for label, (model, named) in models.items():
+        path = tmp_path / f"{label}.{fmt}"
+        artefacts.dump(model, path, fmt)  # type: ignore[arg-type]
+        with pytest.raises(ModelLoadError) as info:
+            artefacts.load(path, fmt)  # type: ignore[arg-type]
+        assert named in info.value.message, (label, info.value.message)

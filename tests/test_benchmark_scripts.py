@@ -31,6 +31,19 @@ def test_batch_bench() -> None:
     assert re.search(r"pandas \+ sklearn, 1 process : +[\d.]+ s +[\d,]+ rows/s", out), out
     assert re.search(r"serve-app batch \(Ray Data\)  : +[\d.]+ s .*to start Ray", out), out
     assert re.search(r"ratio: [\d.]+x", out), out
+    assert len(re.findall(r"peak RSS [\d,]+ MiB", out)) == 2, out  # each side's
+
+
+def test_batch_bench_heavy_model() -> None:
+    """The forest mode, with a 3-tree forest on the same 30-feature data: both sides run,
+    each one's peak RSS and the ratio with Ray's start-up against issue 17's goal are printed."""
+    out = _run("batch_bench.py", "--heavy", "--trees", "3", "--rows", "20000")
+    assert re.search(r"model: forest v1 RandomForestClassifier \(30 features\), runtime (onnxruntime|sklearn)", out), out
+    assert "generated 20,000 rows" in out
+    assert re.search(r"pandas \+ sklearn, 1 process : +[\d.]+ s +[\d,]+ rows/s +peak RSS [\d,]+ MiB", out), out
+    assert re.search(r"serve-app batch \(Ray Data\)  : .*to start Ray.*peak RSS [\d,]+ MiB", out), out
+    assert "warm workers" not in out  # the heavy job runs once: the goal counts the cold start
+    assert re.search(r"goal >= 5x counting start-up: (met|NOT MET)", out), out
 
 
 def test_monitoring_overhead() -> None:

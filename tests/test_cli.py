@@ -40,8 +40,9 @@ def assert_one_line_error(code: int, out: str, err: str, *fragments: str) -> Non
 
 def test_train_default(capsys: pytest.CaptureFixture[str], store: ModelStore) -> None:
     code, out, err = run(capsys, "train", "--store", str(store.root))
-    assert code == 0 and err == ""
-    first, second = out.splitlines()
+    assert code == 0 and err.startswith("fitting logistic_regression on iris")  # progress goes to stderr
+    first, second, runtime = out.splitlines()
+    assert runtime.strip().startswith("runtime: scikit-learn; ")
     assert first.startswith("stored iris v1 (LogisticRegression on iris, skops; accuracy=")
     assert first.endswith(") aliases: production, latest")
     assert second.strip() == str(store.root / "iris" / "1")

@@ -94,3 +94,94 @@ def test_row_window_keeps_the_most_recent_rows() -> None:
 
 def test_a_model_without_training_stats_has_no_reference(manifest: Manifest) -> None:
     assert DriftReference.from_manifest(manifest.model_copy(update={"training_stats": {}})) is None
+
+
+# --- Categorical columns -------------------------------------------------------------------
+
+from serve_app.model.schema import CategoryStats  # noqa: E402
+from serve_app.monitoring.drift import (  # noqa: E402
+    MAX_CATEGORY_BINS,
+    CategoryCounts,
+    CategoryReference,
+    category_psi,
+    score_category,
+    unseen_share,
+)
+
+# A long-tailed column: 3 common categories and 27 rare ones (as the churn dataset's regions).
+CATEGORIES = [f"c{i:02d}" for i in range(30)]
+_WEIGHTS = 1.0 / np.arange(1, 31) ** 1.1
+FREQUENCIES = _WEIGHTS / _WEIGHTS.sum()
+CATEGORY_REFERENCE = CategoryReference.from_stats(
+    CategoryStats(rows=5000, null_share=0.02, frequencies=dict(zip(CATEGORIES, FREQUENCIES.tolist())))
+)
+
+
+def _draw(rng: np.random.Generator, n: int, p: np.ndarray = FREQUENCIES) -> list[object]:
+    return list(rng.choice(CATEGORIES, size=n, p=p))
+
+
+def _category_scores(values: list[object]) -> dict:
+    return score_category(CATEGORY_REFERENCE, CategoryCounts.of(CATEGORY_REFERENCE, values), THRESHOLDS)
+
+
+def test_categories_bin_like_the_numeric_deciles() -> None:
+    assert len(CATEGORY_REFERENCE.bins) == MAX_CATEGORY_BINS + 2  # the 10 most frequent, other, unseen
+    assert CATEGORY_REFERENCE.bins[:3] == ("c00", "c01", "c02")
+    assert CATEGORY_REFERENCE.fractions.sum() == pytest.approx(1.0) and CATEGORY_REFERENCE.fractions[-1] == 0.0
+    assert CATEGORY_REFERENCE.index["c29"] == MAX_CATEGORY_BINS  # a rare seen one: "other"
+
+
+def test_in_distribution_categories_are_ok() -> None:
+    rng = np.random.default_rng(11)
+    for _ in range(20):
+        result = _category_scores(_draw(rng, 600))
+        assert result["status"] == "ok", result
+        assert result["unseen_share"] == 0.0
+
+
+def test_a_shifted_category_mix_drifts() -> None:
+    shifted = FREQUENCIES.copy()
+    shifted[0], shifted[2] = shifted[2], shifted[0]  # the most common category becomes the third
+    result = _category_scores(_draw(np.random.default_rng(12), 1000, shifted))
+    assert result["status"] == "drift", result
+
+
+def test_unseen_categories_count_in_psi_and_are_reported() -> None:
+    rng = np.random.default_rng(13)
+    for share, status in ((0.005, "ok"), (0.03, "warning"), (0.08, "drift")):
+        unseen = int(1000 * share)
+        values = _draw(rng, 1000 - unseen) + [f"new-{i}" for i in range(unseen)]
+        result = _category_scores(values)
+        assert result["unseen_share"] == pytest.approx(share)
+        assert result["status"] == status, (share, result)
+
+
+def test_nulls_are_reported_not_binned_and_few_rows_are_no_verdict() -> None:
+    rng = np.random.default_rng(14)
+    values = _draw(rng, 600) + [None] * 200 + [float("nan")] * 200
+    counts = CategoryCounts.of(CATEGORY_REFERENCE, values)
+    assert counts.rows == 1000 and counts.nulls == 400 and counts.bins.sum() == 600
+    result = score_category(CATEGORY_REFERENCE, counts, THRESHOLDS)
+    assert result["null_share"] == 0.4 and result["training_null_share"] == 0.02 and result["status"] == "ok"
+    few = _category_scores(["c00"] * (THRESHOLDS.min_rows - 1) + [None] * 10)
+    assert few["status"] == "insufficient_data"
+
+
+def test_category_counts_add_up_like_one_window() -> None:
+    rng = np.random.default_rng(15)
+    a, b = _draw(rng, 300) + ["new"], _draw(rng, 400) + [None]
+    summed = CategoryCounts.of(CATEGORY_REFERENCE, a) + CategoryCounts.from_wire(CategoryCounts.of(CATEGORY_REFERENCE, b).to_wire())
+    whole = CategoryCounts.of(CATEGORY_REFERENCE, a + b)
+    assert (summed.rows, summed.nulls, summed.bins.tolist()) == (whole.rows, whole.nulls, whole.bins.tolist())
+    assert category_psi(CATEGORY_REFERENCE, summed) == category_psi(CATEGORY_REFERENCE, whole)
+    assert unseen_share(whole) == pytest.approx(1 / 701)
+
+
+def test_booleans_are_categories_too() -> None:
+    reference = CategoryReference.from_stats(CategoryStats(rows=100, null_share=0.0, frequencies={"true": 0.6, "false": 0.4}))
+    same = CategoryCounts.of(reference, [True] * 600 + [False] * 400)
+    flipped = CategoryCounts.of(reference, np.array([True] * 300 + [False] * 700))
+    assert score_category(reference, same, THRESHOLDS)["status"] == "ok"
+    assert score_category(reference, flipped, THRESHOLDS)["status"] == "drift"
+    assert unseen_share(flipped) == 0.0

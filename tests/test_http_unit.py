@@ -51,7 +51,7 @@ class FakeBackend:
         self.calls: list[tuple[tuple[int, ...], tuple[str, ...], str | None, str | None]] = []
         self.fail_with: Exception | None = None
 
-    async def infer(self, predictor: Predictor, rows: Any, outputs: Sequence[str] = (PREDICT,),
+    async def infer_with(self, predictor: Predictor, rows: Any, outputs: Sequence[str] = (PREDICT,),
                     request: RequestRecord | None = None) -> Result:
         if self.fail_with is not None:
             raise self.fail_with

@@ -152,6 +152,15 @@ def test_a_handle_call_is_one_request(replica: Replica) -> None:
     assert replica.hub_requests() == [{"route": "handle:predict", "status": "200", "count": 1}]
 
 
+def test_a_handle_infer_names_its_version_and_is_one_request(replica: Replica) -> None:
+    result = asyncio.run(replica.server.infer(IRIS_ROWS, ["predict", "predict_proba"]))
+    assert (result.model, result.version, sorted(result.outputs)) == ("iris", "1", ["predict", "predict_proba"])
+    assert result.outputs["predict_proba"].shape == (3, 3)
+    traffic = replica.traffic()
+    assert (traffic["requests"], traffic["rows"], traffic["errors"]) == (1, 3, 0)
+    assert replica.hub_requests() == [{"route": "handle:infer", "status": "200", "count": 1}]
+
+
 def test_the_ledger_counts_what_it_is_given() -> None:
     ledger = RequestLedger()
     answered = RequestRecord("/predict", "iris", "2", status=200, rows=5, latency_s=0.004)

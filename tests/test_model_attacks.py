@@ -434,3 +434,219 @@ def test_open_routes_load_nothing_and_reveal_nothing(store: ModelStore, monkeypa
         # Now loaded, v2 is ready; a 5,000-digit version is a 404 for the key holder too, not a 500.
         assert client.get("/v2/models/dummy/versions/2/ready").status_code == 200
         assert client.get(f"/v2/models/dummy/versions/{'9' * 5000}", headers=authorized).status_code == 404
+
+
+# ---- 8. the classes gradient boosting and tabular pipelines need (#16, #17) carry data only -----
+
+
+class WritesMarker:
+    """A custom object that writes its marker the moment a loader rebuilds or calls it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        Path(state["marker"]).write_text("pwned")
+
+    def __call__(self, *args: Any) -> Any:
+        Path(self.marker).write_text("pwned")
+        return ["spend"]
+
+
+def _frame() -> Any:
+    from .test_artefacts import tabular_frame
+
+    return tabular_frame()
+
+
+def _pipeline() -> Any:
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    from .test_artefacts import tabular_pipeline
+
+    return tabular_pipeline(HistGradientBoostingClassifier(max_iter=3)).fit(_frame(), np.arange(60) % 2)
+
+
+def _dumped(model: Any, fmt: str) -> bytes:
+    if fmt == "skops":
+        return skops.io.dumps(model)
+    buffer = io.BytesIO()
+    joblib.dump(model, buffer)
+    return buffer.getvalue()
+
+
+def _load_and_predict(data: bytes, fmt: str) -> Callable[[], Any]:
+    """Loads, then predicts: a selector or link that got through would be called here."""
+    return lambda: artefacts.loads(data, fmt, "crafted").predict(_frame())  # type: ignore[arg-type]
+
+
+def _layer_alone(data: bytes, fmt: str) -> Callable[[], Any]:
+    """The check before the post-load walk: skops's audit alone, or our unpickler alone."""
+    if fmt == "skops":
+        return lambda: artefacts.check(data, "skops", "crafted")
+    return lambda: artefacts._RestrictedUnpickler(io.BytesIO(data), "crafted").load_all()
+
+
+FORMATS = pytest.mark.parametrize("fmt", ["skops", "joblib"])
+
+
+@FORMATS
+def test_object_arrays_hold_plain_values_only(tmp_path: Path, fmt: str) -> None:
+    from sklearn.preprocessing import StandardScaler
+
+    marker = tmp_path / "marker-object-array"
+    for item, named in ((WritesMarker(marker), "WritesMarker"), (StandardScaler(), "object array"),
+                        (np.float64, "object array")):
+        model = _pipeline()
+        names = model.named_steps["columns"].feature_names_in_.copy()
+        names[0] = item
+        model.named_steps["columns"].feature_names_in_ = names
+        data = _dumped(model, fmt)
+        error = refused(_load_and_predict(data, fmt), marker)
+        assert named in error.message or "holding something other than" in error.message, error.message
+        if named == "object array":  # allowed classes: refused before the post-load walk too
+            layer = refused(_layer_alone(data, fmt), marker)
+            assert "other than str, int, float, bool or None" in layer.message, layer.message
+
+
+@FORMATS
+def test_column_selectors_and_links_cannot_be_callables(tmp_path: Path, fmt: str) -> None:
+    """A column selector or a loss's link swapped for a function, a custom callable, an allowed
+    class or (joblib) one of the loader's own checked reconstructors: refused before predict."""
+    from sklearn._loss.link import LogitLink
+    from sklearn._loss.loss import HalfBinomialLoss
+    from sklearn.preprocessing import StandardScaler
+
+    marker = tmp_path / "marker-selector"
+    smuggled: list[tuple[Any, str]] = [(os.system, "system"), (WritesMarker(marker), "WritesMarker"),
+                                       (StandardScaler, "callable sklearn.preprocessing._data.StandardScaler"),
+                                       (LogitLink, "callable sklearn._loss.link.LogitLink"),
+                                       (HalfBinomialLoss(), "a callable sklearn._loss.loss.HalfBinomialLoss")]
+    if fmt == "joblib":
+        smuggled.append((np._core.multiarray.scalar, "never code"))  # an allowed reconstructor, as a value
+    for value, named in smuggled:
+        for where in ("selector", "link"):
+            model = _pipeline()
+            columns = model.named_steps["columns"]
+            if where == "selector":
+                name, transformer, _ = columns.transformers_[4]
+                columns.transformers_[4] = (name, transformer, value)
+                columns._columns[4] = value
+            else:
+                model.named_steps["model"]._loss.link = value
+            error = refused(_load_and_predict(_dumped(model, fmt), fmt), marker)
+            assert named in error.message, (where, value, error.message)
+
+
+def test_structured_dtype_with_an_object_field_is_refused(tmp_path: Path) -> None:
+    """joblib: an ndarray rebuilt by _reconstruct whose structured dtype has an object field."""
+    from sklearn.preprocessing import StandardScaler
+
+    model = _pipeline()
+    model.named_steps["columns"].output_indices_["evil"] = np.array([(1.0, StandardScaler())],
+                                                                    dtype=[("a", "f8"), ("b", "O")])
+    data = pickle.dumps(model, protocol=4)  # plain pickle: the array goes through _reconstruct
+    marker = tmp_path / "marker-structured"
+    error = refused(lambda: artefacts.loads(data, "joblib", "crafted"), marker)
+    assert "structured dtype with an object field" in error.message, error.message
+    # joblib's own writer puts it behind an array wrapper, which the scan refuses by its dtype.
+    error = refused(lambda: artefacts.loads(_dumped(model, "joblib"), "joblib", "crafted"), marker)
+    assert "structured dtype 'V16'" in error.message, error.message
+
+
+def _skops_archive(model: Any, change: Callable[[dict[str, Any], zipfile.ZipFile, zipfile.ZipFile], None]) -> bytes:
+    original = zipfile.ZipFile(io.BytesIO(skops.io.dumps(model)))
+    schema = json.loads(original.read("schema.json"))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as archive:
+        change(schema, original, archive)
+        archive.writestr("schema.json", json.dumps(schema))
+        for name in original.namelist():
+            if name not in archive.namelist() and name != "schema.json":
+                archive.writestr(name, original.read(name))
+    return out.getvalue()
+
+
+def _find(node: Any, test: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    if isinstance(node, dict):
+        if test(node):
+            return node
+        children = list(node.values())
+    elif isinstance(node, list):
+        children = node
+    else:
+        children = []
+    for child in children:
+        found = _find(child, test) if isinstance(child, (dict, list)) else None
+        if found is not None:
+            return found
+    return None  # type: ignore[return-value]
+
+
+def test_skops_array_whose_stored_dtype_holds_objects_is_refused(tmp_path: Path) -> None:
+    """A .npy inside the archive with a structured dtype whose object field is a pickle."""
+    marker = tmp_path / "marker-npy"
+    evil = np.array([(1.0, WritesMarker(marker))], dtype=[("a", "f8"), ("b", "O")])
+
+    def change(schema: dict[str, Any], original: zipfile.ZipFile, archive: zipfile.ZipFile) -> None:
+        node = _find(schema, lambda n: n.get("__loader__") == "NdArrayNode" and n.get("type") == "numpy")
+        buffer = io.BytesIO()
+        np.save(buffer, evil, allow_pickle=True)
+        archive.writestr(node["file"], buffer.getvalue())
+
+    data = _skops_archive(_pipeline(), change)
+    error = refused(lambda: artefacts.check(data, "skops", "crafted"), marker)
+    assert "stored dtype holds Python objects" in error.message, error.message
+    refused(lambda: artefacts.loads(data, "skops", "crafted"), marker)
+
+
+def test_skops_loss_node_built_by_calling_a_function_is_refused(tmp_path: Path) -> None:
+    """skops builds a loss by calling its class with the node's arguments: swapped for
+    os.system with a command, or for an allowed class, or given non-plain arguments."""
+    marker = tmp_path / "marker-loss"
+    command = {"__class__": "tuple", "__module__": "builtins", "__loader__": "TupleNode",
+               "content": [{"__class__": "str", "__module__": "builtins", "__loader__": "JsonNode",
+                            "content": json.dumps(f"touch {marker}")}]}
+
+    def as_system(schema: dict[str, Any], *_: Any) -> None:
+        node = _find(schema, lambda n: n.get("__loader__") == "LossNode")
+        node.update({"__module__": os.system.__module__, "__class__": "system"})
+        node["__reduce__"]["args"] = command
+
+    def as_pipeline(schema: dict[str, Any], *_: Any) -> None:
+        _find(schema, lambda n: n.get("__loader__") == "LossNode").update(
+            {"__module__": "sklearn.pipeline", "__class__": "Pipeline"})
+
+    def with_a_type_argument(schema: dict[str, Any], *_: Any) -> None:
+        node = _find(schema, lambda n: n.get("__loader__") == "LossNode")
+        node["__reduce__"]["args"] = {**command, "content": [
+            {"__class__": "Pipeline", "__module__": "sklearn.pipeline", "__loader__": "TypeNode"}]}
+
+    for change, named in ((as_system, "system"), (as_pipeline, "sklearn.pipeline.Pipeline (as LossNode)"),
+                          (with_a_type_argument, "not plain numbers")):
+        data = _skops_archive(_pipeline(), change)
+        error = refused(lambda: artefacts.loads(data, "skops", "crafted"), marker)
+        assert named in error.message, error.message
+
+
+def test_checked_reconstructors_refuse_other_arguments() -> None:
+    """The pickle reconstructors gradient boosting needs, each called only with its own data."""
+    from numpy.random import SeedSequence
+    from sklearn._loss._loss import CyHalfMultinomialLoss
+    from sklearn.preprocessing import StandardScaler
+
+    wrappers = artefacts._RECONSTRUCTOR_WRAPPERS
+    calls = [
+        ("builtins.slice", ("a", None)),
+        ("numpy.random._pickle.__bit_generator_ctor", ("MT19937",)),
+        ("numpy.random._pickle.__bit_generator_ctor", (StandardScaler,)),
+        ("numpy.random._pickle.__generator_ctor", ("PCG64", StandardScaler)),  # numpy would call the 2nd
+        ("numpy.random.bit_generator.__pyx_unpickle_SeedSequence", (StandardScaler, 1, None)),
+        ("sklearn._loss._loss.__pyx_unpickle_CyHalfMultinomialLoss", (CyHalfMultinomialLoss, 1, ({"x": 1},))),
+    ]
+    for name, args in calls:
+        with pytest.raises(artefacts.UnsafeArtefact):
+            wrappers[name](*args)
+    assert wrappers["builtins.slice"](1, 4) == slice(1, 4)
+    assert type(wrappers["numpy.random.bit_generator.__pyx_unpickle_SeedSequence"](SeedSequence, 65708578, None)) \
+        is SeedSequence

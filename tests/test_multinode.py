@@ -303,8 +303,15 @@ def test_worker_node_killed_under_load_without_failed_requests(cluster: dict[str
     print(f"requests: {load.done} ok, {load.failed} failed, {load.retries} retries; causes: {dict(load.causes)}")
     assert load.failed == 0, dict(load.causes)
     assert load.done > before + 2000
-    survivors = wait_for(lambda: replicas(local) if len(replicas(local)) >= 2 else None, 120, what="2 replicas again")
     alive = {n["node_id"] for n in local.alive_nodes()}
+
+    def replaced() -> list[dict[str, Any]] | None:
+        # Serve lists the dead node's replica as RUNNING until its health check fails (up to
+        # health_check_period_s + health_check_timeout_s later); then it starts a new one.
+        now = replicas(local)
+        return now if len(now) >= 2 and {r["node_id"] for r in now} <= alive else None
+
+    survivors = wait_for(replaced, 120, what="2 replicas again, all on live nodes")
     assert {r["node_id"] for r in survivors} <= alive
     assert len(by_node) >= 2
 

@@ -176,6 +176,9 @@ def test_handle_calls_skip_http(served: dict[str, Any], expected: dict[str, np.n
     # A named version answers (v2 is a random forest: its probabilities are not v1's).
     v2 = Predictor.load(served["store"], "iris", "2")
     np.testing.assert_allclose(handle.predict_proba.remote(IRIS_ROWS, "2").result(), v2.predict_proba(np.array(IRIS_ROWS)))
+    result = handle.infer.remote(IRIS_ROWS, ["predict"], "2").result()
+    assert result.version == "2"
+    assert result.outputs["predict"].tolist() == v2.predict(np.array(IRIS_ROWS)).tolist()
 
 
 def test_handle_errors_keep_their_status(served: dict[str, Any]) -> None:

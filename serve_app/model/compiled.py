@@ -21,6 +21,7 @@ proves equality on the rows it checks, so those rows must look like real traffic
 from __future__ import annotations
 
 import json
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -29,10 +30,6 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import onnx
 import onnxruntime
-import skl2onnx
-from skl2onnx.common.exceptions import MissingConverter, MissingShapeCalculator
-from sklearn.ensemble._forest import BaseForest
-from sklearn.tree import BaseDecisionTree
 
 from serve_app.errors import ModelLoadError
 
@@ -99,6 +96,8 @@ class Refusal:
 
 
 def versions() -> dict[str, str]:
+    import skl2onnx  # the converter (~1.8 s to import) is needed at publish time only, never in a replica
+
     return {"skl2onnx": skl2onnx.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
@@ -170,6 +169,23 @@ class CompiledModel:
             raise ModelLoadError("a regressor has no predict_proba")
         (proba,) = self._run(rows, [self._output])
         return self.classes.take(proba.argmax(axis=1)), proba.astype(np.float64)
+
+
+def default_threads() -> int:
+    """The CPUs this process may use, for ONNX Runtime's intra-op threads.
+
+    In a Ray actor or task that is OMP_NUM_THREADS, which Ray (2.60, when the variable is not
+    set already) sets from the `num_cpus` it was given (`ray_actor_options.num_cpus` for a
+    replica): floor(num_cpus), at least 1, so a replica with 0.5 CPU gets 1 thread and one
+    with 2 gets 2. Elsewhere OMP_NUM_THREADS if the user set it, else the CPUs this process
+    may run on. Never more than the latter.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        wanted = int(os.environ.get("OMP_NUM_THREADS", "") or cpus)
+    except ValueError:  # e.g. "4,2" (nested OpenMP levels): take the CPUs
+        wanted = cpus
+    return max(1, min(wanted, cpus))
 
 
 def session_options(threads: int) -> onnxruntime.SessionOptions:
@@ -300,6 +316,9 @@ def convert(
     Regressors: predictions within REGRESSION_RTOL (or `regression_rtol`) x max(1, max |prediction|).
     Tries float64 input first, then float32; the first that converts and verifies wins.
     """
+    import skl2onnx
+    from skl2onnx.common.exceptions import MissingConverter, MissingShapeCalculator
+
     rows = np.concatenate([np.asarray(sample, dtype=np.float64), np.asarray(held_out, dtype=np.float64)])
     classifier = hasattr(estimator, "predict_proba") and hasattr(estimator, "classes_")
     expected_labels = np.asarray(estimator.predict(rows))
@@ -348,12 +367,17 @@ def convert(
 
 
 def _input_dtypes(estimator: Any) -> tuple[InputDtype, ...]:
+    from sklearn.ensemble._forest import BaseForest
+    from sklearn.tree import BaseDecisionTree
+
     if isinstance(estimator, (BaseForest, BaseDecisionTree)):
         return INPUT_DTYPES[::-1]
     return INPUT_DTYPES
 
 
 def _to_onnx(estimator: Any, first_row: np.ndarray, classifier: bool) -> bytes:
+    import skl2onnx
+
     options = {id(estimator): {"zipmap": False}} if classifier else None
     with warnings.catch_warnings():
         # skl2onnx 1.20's gradient-boosting converter hands protobuf booleans for an int list;
@@ -416,5 +440,5 @@ def _unsupported_name(exc: BaseException, estimator: Any) -> str:
 
 __all__: Sequence[str] = (
     "ALLOWED_DOMAINS", "Compiled", "CompiledModel", "PROBA_ATOL", "REGRESSION_RTOL", "Refusal",
-    "UnsafeGraph", "Verification", "convert", "parse_safe", "session_options",
+    "UnsafeGraph", "Verification", "convert", "default_threads", "parse_safe", "session_options",
 )

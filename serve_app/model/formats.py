@@ -27,6 +27,8 @@ from typing import IO, Any, Callable, ClassVar, Literal
 from serve_app.errors import ModelLoadError
 
 ModelFormat = Literal["skops", "joblib"]
+_HGB_LOSSES = ("HalfBinomialLoss", "HalfMultinomialLoss", "HalfSquaredError", "AbsoluteError", "PinballLoss",
+               "HalfPoissonLoss", "HalfGammaLoss")
 FORMATS: tuple[ModelFormat, ...] = ("skops", "joblib")
 
 # The classes a model file may rebuild, reviewed one by one: the estimators
@@ -47,8 +49,39 @@ ALLOWED_CLASSES = frozenset(
         "sklearn.pipeline.Pipeline",
         "numpy.ndarray",
         "numpy.dtype",
+        # Gradient boosting (#16, #17): the estimators, their label encoder and bin mapper, the
+        # trees (a structured array of nodes, no object fields), and the loss they were fitted
+        # with. A loss is a plain Python object holding its link (no state) and two intervals
+        # (numbers and booleans); its Cython half (Cy*) has no state but the pinball quantile.
+        "sklearn.ensemble._hist_gradient_boosting.gradient_boosting.HistGradientBoostingClassifier",
+        "sklearn.ensemble._hist_gradient_boosting.gradient_boosting.HistGradientBoostingRegressor",
+        "sklearn.ensemble._hist_gradient_boosting.binning._BinMapper",
+        "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+        "sklearn.preprocessing._label.LabelEncoder",
+        *(f"sklearn._loss.loss.{c}" for c in _HGB_LOSSES),
+        *(f"sklearn._loss._loss.Cy{c}" for c in _HGB_LOSSES),
+        *(f"sklearn._loss.link.{c}" for c in ("IdentityLink", "LogLink", "LogitLink", "MultinomialLogit", "Interval")),
+        # The random generator a fitted HistGradientBoosting keeps (never used to predict):
+        # built only through the checked reconstructors below, PCG64 only.
+        "numpy.random._pcg64.PCG64",
+        "numpy.random.bit_generator.SeedSequence",
+        # Tabular pipelines (#16). FunctionTransformer only as the identity ColumnTransformer
+        # puts in place of "passthrough": `_check_data_only` refuses one carrying anything else.
+        "sklearn.compose._column_transformer.ColumnTransformer",
+        "sklearn.preprocessing._encoders.OneHotEncoder",
+        "sklearn.preprocessing._encoders.OrdinalEncoder",
+        "sklearn.impute._base.SimpleImputer",
+        "sklearn.preprocessing._data.MinMaxScaler",
+        "sklearn.preprocessing._function_transformer.FunctionTransformer",
     }
 )
+_CY_LOSSES = frozenset(c for c in ALLOWED_CLASSES if c.startswith("sklearn._loss._loss.Cy"))
+_LOSSES = frozenset(c for c in ALLOWED_CLASSES if c.startswith("sklearn._loss.loss."))
+_RANDOM = frozenset({"numpy.random._pcg64.PCG64", "numpy.random.bit_generator.SeedSequence"})
+_GENERATOR = "numpy.random._generator.Generator"
+# Objects a model may hold besides allowed-class instances: Generator is built only by the
+# checked `__generator_ctor` (pickle) or skops's RandomGeneratorNode, never named as a global.
+_DATA_CLASSES = ALLOWED_CLASSES | {_GENERATOR}
 # skops names numpy scalars and plain values by their type; they carry data, never code.
 _NUMPY_SCALARS = frozenset(
     f"numpy.{t}" for t in ("bool", "bool_", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
@@ -64,21 +97,40 @@ _SKOPS_NODES: dict[str, frozenset[str]] = {
     "TupleNode": frozenset({"builtins.tuple"}),
     "JsonNode": _SKOPS_PLAIN,
     "NdArrayNode": frozenset({"numpy.ndarray"}) | _NUMPY_SCALARS,
-    "ObjectNode": frozenset(c for c in ALLOWED_CLASSES if c.startswith("sklearn.") and c != "sklearn.tree._tree.Tree"),
+    "ObjectNode": frozenset(c for c in ALLOWED_CLASSES if c.startswith("sklearn.") and c != "sklearn.tree._tree.Tree")
+    - _CY_LOSSES,
     "TreeNode": frozenset({"sklearn.tree._tree.Tree"}),
+    "LossNode": _CY_LOSSES,  # calls the class with the node's arguments: checked in _skops_refused
+    "SliceNode": frozenset({"builtins.slice"}),  # slice(start, stop, step), ints checked
+    "DTypeNode": frozenset({"numpy.dtype"}),  # the dtype of an empty array read with allow_pickle=False
+    "RandomGeneratorNode": frozenset({_GENERATOR}),  # PCG64 only, checked
     "TypeNode": ALLOWED_CLASSES | _NUMPY_SCALARS | _SKOPS_PLAIN,
-    "CachedNode": ALLOWED_CLASSES | _NUMPY_SCALARS | _SKOPS_PLAIN,
+    "CachedNode": ALLOWED_CLASSES | _NUMPY_SCALARS | _SKOPS_PLAIN | {_GENERATOR, "builtins.slice"},
 }
+_SKOPS_TRUSTED = ALLOWED_CLASSES | _NUMPY_SCALARS | _SKOPS_PLAIN | {_GENERATOR, "builtins.slice"}
 # How a pickle rebuilds a numpy scalar or a plain ndarray: functions, so each is called
 # only through a wrapper that checks its arguments (see _RECONSTRUCTORS below).
 _PICKLE_RECONSTRUCTORS = frozenset(
     {
         "numpy._core.multiarray.scalar", "numpy.core.multiarray.scalar",
         "numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct",
+        "builtins.slice",  # a ColumnTransformer's output_indices_: ints or None only
+        "numpy.random._pickle.__generator_ctor", "numpy.random._pickle.__bit_generator_ctor",
+        "numpy.random.bit_generator.__pyx_unpickle_SeedSequence",
+        "sklearn._loss._loss.__pyx_unpickle_CyHalfMultinomialLoss",
     }
 )
+# Whose result the pickle may then give a state (BUILD): an ndarray, a PCG64, a SeedSequence.
+_BUILDABLE_RESULTS = frozenset(
+    {
+        "numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct",
+        "numpy.random._pickle.__bit_generator_ctor", "numpy.random.bit_generator.__pyx_unpickle_SeedSequence",
+    }
+)
+# Types a model holds as values, never calls (an encoder's dtype=np.float64): importable, not callable.
+_VALUE_TYPES = _NUMPY_SCALARS
 _JOBLIB_WRAPPER = "joblib.numpy_pickle.NumpyArrayWrapper"
-PICKLE_GLOBALS = ALLOWED_CLASSES | _PICKLE_RECONSTRUCTORS | {_JOBLIB_WRAPPER}
+PICKLE_GLOBALS = ALLOWED_CLASSES | _PICKLE_RECONSTRUCTORS | _VALUE_TYPES | {_JOBLIB_WRAPPER}
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
@@ -120,17 +172,21 @@ def loads(data: bytes, fmt: ModelFormat, where: str) -> Any:
     if fmt == "skops":
         tree = _skops_tree(data, where)
         try:
-            return tree.construct()
+            model = tree.construct()
         except Exception as exc:
             raise ModelLoadError(f"cannot read skops file {where}: {exc}") from exc
+        _check_data_only(model, where)
+        return model
     if fmt == "joblib":
         scan_pickle(data, where)  # raises before a single opcode is executed
         try:
-            return _RestrictedUnpickler(io.BytesIO(data), where).load_all()
+            model = _RestrictedUnpickler(io.BytesIO(data), where).load_all()
         except ModelLoadError:
             raise
         except Exception as exc:
             raise ModelLoadError(f"cannot read joblib file {where}: {exc}") from exc
+        _check_data_only(model, where)
+        return model
     raise ModelLoadError(f"unknown model format {fmt!r}; use one of {', '.join(FORMATS)}")
 
 
@@ -154,7 +210,7 @@ def _skops_tree(data: bytes, where: str) -> Any:
     from skops.io._audit import audit_tree, get_tree
     from skops.io._utils import read_schema
 
-    trusted = sorted(ALLOWED_CLASSES | _NUMPY_SCALARS | _SKOPS_PLAIN)
+    trusted = sorted(_SKOPS_TRUSTED)
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             schema, context = read_schema(archive)
@@ -178,7 +234,7 @@ def _skops_refused(root: Any) -> set[str]:
     from skops.io._audit import Node
     from skops.io._utils import get_module
 
-    allowed = ALLOWED_CLASSES | _NUMPY_SCALARS | _SKOPS_PLAIN
+    allowed = _SKOPS_TRUSTED
     refused: set[str] = set()
     seen: set[int] = set()
     pending = [root]
@@ -193,6 +249,10 @@ def _skops_refused(root: Any) -> set[str]:
             refused.add(full)
         elif full not in _SKOPS_NODES.get(kind, frozenset()):
             refused.add(f"{full} (as {kind})")
+        else:
+            problem = _skops_node_problem(node, kind)
+            if problem:
+                refused.add(f"{full} ({problem})")
         for child in node.children.values():
             items = child if isinstance(child, list) else list(child.values()) if isinstance(child, dict) else [child]
             for item in items:
@@ -201,6 +261,154 @@ def _skops_refused(root: Any) -> set[str]:
                 elif type(item) is type and f"{get_module(item)}.{item.__name__}" not in allowed:
                     refused.add(f"{get_module(item)}.{item.__name__}")
     return refused
+
+
+def _skops_node_problem(node: Any, kind: str) -> str:
+    """What is wrong with an allowed node's own content, or "" (its children are walked anyway)."""
+    from skops.io._audit import Node
+
+    if kind == "SliceNode":
+        if not all(v is None or type(v) is int for v in (node.start, node.stop, node.step)):
+            return "a slice whose bounds are not integers"
+    elif kind == "RandomGeneratorNode":
+        if node.bit_generator_name != "PCG64":
+            return f"a random generator over {node.bit_generator_name!r}, not PCG64"
+    elif kind == "LossNode":
+        # Built by calling the loss class with these arguments: plain numbers, or for the
+        # multinomial loss Cython's own (class, checksum, ()) that the class then ignores.
+        args = node.args
+        items = args.children.get("content") if type(args).__name__ == "TupleNode" else None
+        if not isinstance(items, list):
+            return "loss arguments that are not a tuple"
+        for item in items:
+            own_class = (type(item).__name__ == "TypeNode"
+                         and (item.module_name, item.class_name) == (node.module_name, node.class_name))
+            empty = type(item).__name__ == "TupleNode" and item.children.get("content") == []
+            if not (own_class or empty or type(item).__name__ == "JsonNode" and _plain_json(item.content)):
+                return "a loss built from arguments that are not plain numbers"
+    elif kind == "NdArrayNode":
+        if node.type == "json":  # an object array: its items must be plain values
+            if not all(isinstance(i, Node) and type(i).__name__ == "JsonNode" and _plain_json(i.content)
+                       for i in node.items):
+                return "an object array holding something other than str, int, float, bool or None"
+        else:
+            dtype = _npy_dtype(node.buffer.getvalue())
+            if dtype is None or dtype.hasobject:
+                return "an array whose stored dtype holds Python objects"
+    return ""
+
+
+def _plain_json(content: Any) -> bool:
+    import json
+
+    try:
+        value = json.loads(content) if isinstance(content, str) else None
+    except ValueError:
+        return False
+    return type(value) in _PLAIN
+
+
+def _npy_dtype(data: bytes) -> Any:
+    """The dtype in a .npy header, read without loading anything (None if unreadable)."""
+    import numpy as np
+
+    try:
+        handle = io.BytesIO(data)
+        version = np.lib.format.read_magic(handle)
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        return reader(handle)[2]
+    except Exception:
+        return None
+
+
+# ---- after loading: the model holds data only ---------------------------------------------------
+#
+# Whatever the format, the rebuilt model is walked before it is returned: every object must be
+# a plain value, a container of them, a numpy array (object arrays of plain values only), a
+# numpy scalar or dtype, a slice of ints, or an instance of an allowed class. Nothing callable
+# may sit anywhere scikit-learn might call it (a column selector, a FunctionTransformer's func,
+# an encoder's feature_name_combiner, an imputer's strategy, a loss's link ...): the only
+# callables kept are numpy scalar types in an encoder's `dtype` and a gradient boosting's own
+# `_loss`. This holds even for objects that the allow-lists would build, such as an allowed
+# class or one of the checked reconstructors put where a value belongs.
+
+_PLAIN = (str, int, float, bool, type(None))
+_TYPE_SLOTS = {"dtype"}
+_IDENTITY_ONLY = {"func": None, "inverse_func": None, "kw_args": None, "inv_kw_args": None}
+
+
+def _plain_item(value: Any) -> bool:
+    import numpy as np
+
+    return type(value) in _PLAIN or (isinstance(value, np.generic) and value.dtype.kind in "biufcUS")
+
+
+def _plain_object_array(array: Any) -> bool:
+    import numpy as np
+
+    return array.dtype == np.dtype(object) and all(_plain_item(v) for v in array.ravel(order="K"))
+
+
+def _full_name(value: Any) -> str:
+    return f"{type(value).__module__}.{type(value).__qualname__}"
+
+
+def _check_data_only(model: Any, where: str) -> None:
+    import numpy as np
+
+    def refuse(path: str, what: str) -> UnsafeArtefact:
+        return UnsafeArtefact(f"{where}: {path} is {what}; a model file may hold data only, never code, so it was refused")
+
+    pending: list[tuple[Any, str, str]] = [(model, "the model", "")]
+    seen: set[int] = set()
+    while pending:
+        value, path, attribute = pending.pop()
+        kind = type(value)
+        if kind in _PLAIN or kind is bytes:
+            continue
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if kind in (list, tuple):
+            pending.extend((v, f"{path}[{i}]", "") for i, v in enumerate(value))
+        elif kind is dict:
+            for key, item in value.items():
+                if type(key) not in _PLAIN:
+                    raise refuse(path, f"a dict with a {type(key).__name__} key")
+                pending.append((item, f"{path}[{key!r}]", ""))
+        elif kind is slice:
+            if not all(v is None or type(v) is int for v in (value.start, value.stop, value.step)):
+                raise refuse(path, "a slice whose bounds are not integers")
+        elif kind is np.ndarray:
+            if value.dtype.hasobject and not _plain_object_array(value):
+                raise refuse(path, "an array holding something other than str, int, float, bool or None")
+        elif isinstance(value, (np.generic, np.dtype)):
+            if isinstance(value, np.generic) and value.dtype.hasobject:
+                raise refuse(path, "a numpy object scalar")
+        elif isinstance(value, type):
+            numeric = issubclass(value, np.generic) and value not in (np.object_, np.void)
+            if not (attribute in _TYPE_SLOTS and (numeric or value in (int, float, bool, str))):
+                raise refuse(path, f"the callable {value.__module__}.{value.__qualname__}")
+        else:
+            full = _full_name(value)
+            if full not in _DATA_CLASSES:
+                raise refuse(path, f"a {full}, which is not on the allow-list")
+            if callable(value) and not (attribute == "_loss" and full in _LOSSES):
+                raise refuse(path, f"a callable {full}")
+            if full.endswith(".FunctionTransformer"):
+                for name, expected in _IDENTITY_ONLY.items():
+                    if getattr(value, name, None) is not expected:
+                        raise refuse(f"{path}.{name}", "set: only the identity FunctionTransformer that "
+                                     "ColumnTransformer uses for 'passthrough' is loaded")
+                if getattr(value, "feature_names_out", None) not in (None, "one-to-one"):
+                    raise refuse(f"{path}.feature_names_out", "not None or 'one-to-one'")
+            if full == "numpy.random.bit_generator.SeedSequence":
+                pending.extend((getattr(value, a), f"{path}.{a}", "") for a in ("entropy", "spawn_key", "pool"))
+            attributes = getattr(value, "__dict__", None)
+            if attributes is not None:
+                if type(attributes) is not dict or not all(type(k) is str for k in attributes):
+                    raise refuse(path, "an object with a non-string attribute name")
+                pending.extend((v, f"{path}.{k}", k) for k, v in attributes.items())
 
 
 # ---- static scan of joblib/pickle bytes -------------------------------------------------------
@@ -345,6 +553,8 @@ def _scan_stream(handle: IO[bytes], where: str, found: set[str], budget: list[in
             raise UnsafeArtefact(f"{where}: {op} on something that is not an allowed class; refusing it")
         if value.full in _PICKLE_RECONSTRUCTORS and op != "REDUCE":
             raise UnsafeArtefact(f"{where}: {op} on {value.full}; refusing it")
+        if value.full in _VALUE_TYPES:
+            raise UnsafeArtefact(f"{where}: {op} on {value.full}, which a model holds as a value only; refusing it")
         return value
 
     for opcode, arg, _pos in pickletools.genops(handle):
@@ -377,8 +587,8 @@ def _scan_stream(handle: IO[bytes], where: str, found: set[str], budget: list[in
             state = stack.pop()
             target = stack[-1]
             built_by = target.factory.full if isinstance(target, _Built) and target.factory is not None else ""
-            # An allowed class, joblib's array wrapper, or an ndarray from _reconstruct.
-            if not (built_by in ALLOWED_CLASSES or built_by == _JOBLIB_WRAPPER or built_by.endswith("._reconstruct")):
+            # An allowed class, joblib's array wrapper, or what a buildable reconstructor returned.
+            if not (built_by in ALLOWED_CLASSES or built_by == _JOBLIB_WRAPPER or built_by in _BUILDABLE_RESULTS):
                 raise UnsafeArtefact(f"{where}: BUILD on something that is not an allowed class; refusing it")
             target.state = state
             if built_by == _JOBLIB_WRAPPER:
@@ -528,6 +738,71 @@ def _checked_reconstruct(cls: Any, shape: Any, dtype_code: Any) -> Any:
     return _numpy_function("_reconstruct")(cls, shape, dtype_code)
 
 
+def _checked_slice(*args: Any) -> slice:
+    if not 1 <= len(args) <= 3 or not all(a is None or type(a) is int for a in args):
+        raise UnsafeArtefact("a slice whose bounds are not integers; refusing it")
+    return slice(*args)
+
+
+def _checked_bit_generator(*args: Any) -> Any:
+    from numpy.random import PCG64
+
+    if len(args) != 1 or not (args[0] is PCG64 or type(args[0]) is str and args[0] == "PCG64"):
+        raise UnsafeArtefact("a random bit generator other than PCG64; refusing it")
+    return PCG64()
+
+
+def _checked_generator(*args: Any) -> Any:
+    import numpy as np
+
+    if len(args) != 1 or type(args[0]) is not np.random.PCG64:  # the 2nd argument would be a callable
+        raise UnsafeArtefact("a random generator built other than from a PCG64; refusing it")
+    return np.random.Generator(args[0])
+
+
+def _checked_cython_unpickle(full: str, cls_name: str) -> Callable[..., Any]:
+    """Cython's `__pyx_unpickle_X(cls, checksum, state)`, for class X only and no state here
+    (a SeedSequence then gets its state by BUILD, checked in load_build; the multinomial loss has none)."""
+
+    def rebuild(*args: Any) -> Any:
+        cls = _allowed_object(cls_name)
+        if not (len(args) == 3 and args[0] is cls and type(args[1]) is int
+                and (args[2] is None or type(args[2]) is tuple and args[2] == ())):
+            raise UnsafeArtefact(f"{full} with unexpected arguments; refusing it")
+        return _allowed_object(full)(*args)
+
+    return rebuild
+
+
+_RECONSTRUCTOR_WRAPPERS: dict[str, Callable[..., Any]] = {
+    "builtins.slice": _checked_slice,
+    "numpy.random._pickle.__generator_ctor": _checked_generator,
+    "numpy.random._pickle.__bit_generator_ctor": _checked_bit_generator,
+    "numpy.random.bit_generator.__pyx_unpickle_SeedSequence": _checked_cython_unpickle(
+        "numpy.random.bit_generator.__pyx_unpickle_SeedSequence", "numpy.random.bit_generator.SeedSequence"),
+    "sklearn._loss._loss.__pyx_unpickle_CyHalfMultinomialLoss": _checked_cython_unpickle(
+        "sklearn._loss._loss.__pyx_unpickle_CyHalfMultinomialLoss", "sklearn._loss._loss.CyHalfMultinomialLoss"),
+}
+
+
+def _check_random_state(target: Any, state: Any) -> None:
+    """PCG64: (its state dict, a SeedSequence); SeedSequence: (entropy, n spawned, pool, pool size, spawn key)."""
+    import numpy as np
+
+    full = _full_name(target)
+    if full == "numpy.random._pcg64.PCG64":
+        ok = (type(state) is tuple and len(state) == 2 and type(state[0]) is dict
+              and type(state[1]) is np.random.SeedSequence) or type(state) is dict
+    else:
+        ok = (type(state) is tuple and len(state) == 5
+              and (state[0] is None or type(state[0]) is int or isinstance(state[0], np.integer)
+                   or type(state[0]) is np.ndarray and state[0].dtype.kind in "iu")
+              and type(state[1]) is int and type(state[2]) is np.ndarray and type(state[3]) is int
+              and type(state[4]) is tuple and all(type(k) is int for k in state[4]))
+    if not ok:
+        raise UnsafeArtefact(f"a {full} with an unexpected state; refusing it")
+
+
 _PLAIN_BUILD: Callable[[Any], None] = pickle._Unpickler.dispatch[pickle.BUILD[0]]
 
 
@@ -562,13 +837,16 @@ class _RestrictedUnpickler(pickle._Unpickler):
             return _checked_scalar
         if full.endswith("._reconstruct"):
             return _checked_reconstruct
+        if full in _RECONSTRUCTOR_WRAPPERS:
+            return _RECONSTRUCTOR_WRAPPERS[full]
         return _allowed_object(full)
 
     def persistent_load(self, pid: Any) -> Any:
         raise UnsafeArtefact(f"{self.where} uses persistent ids; refusing it")
 
     def _allowed_callable(self, value: Any, op: str) -> None:
-        if op == "REDUCE" and (value is _checked_scalar or value is _checked_reconstruct):
+        if op == "REDUCE" and (value is _checked_scalar or value is _checked_reconstruct
+                               or any(value is w for w in _RECONSTRUCTOR_WRAPPERS.values())):
             return
         if value is _ArrayWrapper:
             if op == "NEWOBJ":
@@ -617,7 +895,12 @@ class _RestrictedUnpickler(pickle._Unpickler):
         )
         if not allowed:
             raise UnsafeArtefact(f"{self.where}: BUILD on a {type(target).__name__}, which is not an allowed class")
+        if _full_name(target) in _RANDOM:
+            _check_random_state(target, state)
         _PLAIN_BUILD(self)
+        if type(target) is np.ndarray and target.dtype.hasobject and not _plain_object_array(target):
+            raise UnsafeArtefact(f"{self.where}: an object array holding something other than str, int, float, "
+                                 "bool or None, or a structured dtype with an object field; refusing it")
 
     dispatch[pickle.BUILD[0]] = load_build
 
@@ -646,7 +929,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
             array = _RestrictedUnpickler(self.handle, self.where, self.depth + 1).load()
             if not isinstance(array, np.ndarray) or array.shape != shape or array.dtype != dtype:
                 raise UnsafeArtefact(f"{self.where}: an object array that does not match its wrapper")
-            return array
+            return array  # its items were checked when its own pickle rebuilt it (load_build)
         if state.get("numpy_array_alignment_bytes") is not None:
             padding = self.handle.read(1)
             if len(padding) != 1:

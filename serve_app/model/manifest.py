@@ -5,13 +5,18 @@ from __future__ import annotations
 import hashlib
 import platform
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MANIFEST_FILENAME = "manifest.json"
 MODEL_FILENAMES = {"skops": "model.skops", "joblib": "model.joblib"}
+COMPILED_FILENAME = "model.onnx"  # the compiled model beside the scikit-learn one (compiled.py)
+Runtime = Literal["onnxruntime", "sklearn"]
+RUNTIMES: tuple[Runtime, ...] = ("onnxruntime", "sklearn")
+# What a manifest written before compiled inference says about its runtime.
+NOT_COMPILED_REASON = "stored before compiled inference: no compiled model"
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 HISTOGRAM_BINS = 10
 REFERENCE_SAMPLE_SIZE = 256
@@ -58,6 +63,25 @@ class Manifest(BaseModel):
     training_stats: dict[str, FeatureStats] = Field(default_factory=dict)
     versions: dict[str, str] = Field(default_factory=dict)
     created_by: str = ""
+    # Which runtime serves this version and why, decided at publish time. Optional with
+    # defaults, so manifests written before compiled inference still load (as scikit-learn).
+    runtime: Runtime = "sklearn"
+    runtime_reason: str = NOT_COMPILED_REASON
+    compiled_file: Optional[str] = None  # COMPILED_FILENAME when runtime is onnxruntime
+    compiled_sha256: Optional[str] = None
+    compiled_size_bytes: Optional[int] = None
+    # compiled.Verification.as_dict(): input dtype, rows checked, label mismatches, max
+    # |difference| and its tolerance, conversion time, converter and runtime versions.
+    verification: Optional[dict[str, Any]] = None
+
+    @model_validator(mode="after")
+    def _compiled_fields_together(self) -> "Manifest":
+        compiled = (self.compiled_file, self.compiled_sha256, self.compiled_size_bytes, self.verification)
+        if self.runtime == "onnxruntime" and any(v is None for v in compiled):
+            raise ValueError("runtime onnxruntime needs compiled_file, compiled_sha256, compiled_size_bytes and verification")
+        if self.compiled_file is not None and self.compiled_file != COMPILED_FILENAME:
+            raise ValueError(f"compiled_file must be {COMPILED_FILENAME!r}, got {self.compiled_file!r}")
+        return self
 
 
 def sha256_of(path: Path) -> str:

@@ -1,6 +1,7 @@
 """A directory of immutable, versioned models with aliases.
 
     models/<name>/<version>/model.skops   the artefact (read-only once written)
+    models/<name>/<version>/model.onnx    its compiled form, when it converted and verified (compiled.py)
     models/<name>/<version>/manifest.json its hash, library versions, schema, metrics, stats
     models/<name>/<version>/signature.json the publisher's signature over both (signing.py)
     models/<name>/aliases.json            {"production": "2", ...}
@@ -39,7 +40,7 @@ from serve_app.model import formats
 from serve_app.model import signing
 from serve_app.model.formats import ModelFormat
 from serve_app.errors import ModelLoadError, NotFound, StoreError
-from serve_app.model.manifest import MANIFEST_FILENAME, MODEL_FILENAMES, Manifest, sha256_of
+from serve_app.model.manifest import COMPILED_FILENAME, MANIFEST_FILENAME, MODEL_FILENAMES, Manifest, sha256_of
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 ALIAS_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
@@ -49,7 +50,7 @@ ALIASES_FILENAME = "aliases.json"
 HISTORY_FILENAME = "history.jsonl"
 LOCK_FILENAME = ".lock"
 MAX_REF_LENGTH = 64  # versions and aliases a caller may name; longer is refused before any lookup
-VERSION_FILES = frozenset({MANIFEST_FILENAME, *MODEL_FILENAMES.values()})
+VERSION_FILES = frozenset({MANIFEST_FILENAME, COMPILED_FILENAME, *MODEL_FILENAMES.values()})
 
 
 def is_version(ref: str) -> bool:
@@ -285,7 +286,7 @@ class ModelStore:
             try:
                 files[file] = self._read_file(directory / file)
             except FileNotFoundError:
-                what = "manifest" if file == MANIFEST_FILENAME else "model file"
+                what = {MANIFEST_FILENAME: "manifest", COMPILED_FILENAME: "compiled model file"}.get(file, "model file")
                 raise ModelLoadError(f"{what} {self.display(directory / file)} is missing (manifest of {name} v{version})") from None
         return files
 
@@ -324,6 +325,22 @@ class ModelStore:
             check(manifest)
         return formats.loads(data, manifest.format, f"{name}/{version}/{manifest.model_file}"), manifest
 
+    def load_compiled(self, manifest: Manifest) -> bytes:
+        """The compiled model's bytes of a version `load_verified` returned the manifest of, read
+        once and checked against that manifest's sha256 (signed with the manifest) and against the
+        signature itself; ModelLoadError if either differs. Not parsed: `compiled.CompiledModel.load`
+        checks the graph before ONNX Runtime sees it."""
+        name, version, file = manifest.name, manifest.version, manifest.compiled_file
+        if file is None or manifest.compiled_sha256 is None:
+            raise ModelLoadError(f"{name} v{version} has no compiled model")
+        data = self._read_version(name, version, [file])[file]
+        self._check_hash(name, version, file, data, manifest.compiled_sha256)
+        signed = self.verify_signature(name, version)
+        if file not in signed:
+            raise ModelLoadError(f"the signature of {name} v{version} does not cover {file}; refusing it")
+        self._check_hash(name, version, file, data, signed[file])
+        return data
+
     @staticmethod
     def _check_hash(name: str, version: str, file: str, data: bytes, expected: str) -> None:
         actual = hashlib.sha256(data).hexdigest()
@@ -350,6 +367,13 @@ class ModelStore:
         files = self._read_version(name, version, [MANIFEST_FILENAME, manifest.model_file])
         self._check_hash(name, version, manifest.model_file, files[manifest.model_file], manifest.sha256)
         formats.check(files[manifest.model_file], manifest.format, f"{name}/{version}/{manifest.model_file}")
+        if manifest.compiled_file is not None:
+            from serve_app.model.compiled import parse_safe  # onnx: only when there is a graph to check
+
+            file = manifest.compiled_file
+            files.update(self._read_version(name, version, [file]))
+            self._check_hash(name, version, file, files[file], str(manifest.compiled_sha256))
+            parse_safe(files[file])
         self._write_signature(name, version, files, key)
         return version
 
@@ -390,17 +414,29 @@ class ModelStore:
         *,
         fmt: ModelFormat = "skops",
         promote_first: bool = True,
+        compiled: bytes | None = None,
     ) -> Manifest:
-        """Stores `model` as the next version of `manifest_fields['name']`."""
+        """Stores `model` as the next version of `manifest_fields['name']`, with its compiled
+        form (ONNX bytes, verified by the caller) beside it when given: hashed in the manifest
+        and signed like the model file."""
         name = self.check_name(manifest_fields["name"])
         version, directory = self._reserve_version(name)
         try:
             model_file = MODEL_FILENAMES[fmt]
             path = directory / model_file
             formats.dump(model, path, fmt)
+            compiled_fields: dict[str, Any] = {}
+            if compiled is not None:
+                _write_bytes_atomically(directory / COMPILED_FILENAME, compiled, 0o444)
+                compiled_fields = {
+                    "compiled_file": COMPILED_FILENAME,
+                    "compiled_sha256": hashlib.sha256(compiled).hexdigest(),
+                    "compiled_size_bytes": len(compiled),
+                }
             manifest = Manifest(
                 **{
                     **manifest_fields,
+                    **compiled_fields,
                     "version": version,
                     "created_at": _now(),
                     "created_by": _whoami(),
@@ -411,11 +447,12 @@ class ModelStore:
                 }
             )
             os.chmod(path, 0o444)
-            # Signed by the publisher's key (created on first use) over the model as read
-            # back from disk and the manifest about to be written.
+            # Signed by the publisher's key (created on first use) over the model files as
+            # read back from disk and the manifest about to be written.
             manifest_bytes = _json_bytes(manifest.model_dump(mode="json"))
-            model_bytes = self._read_version(name, version, [model_file])[model_file]
-            self._write_signature(name, version, {MANIFEST_FILENAME: manifest_bytes, model_file: model_bytes}, None)
+            stored = [model_file] + ([COMPILED_FILENAME] if compiled is not None else [])
+            files = {MANIFEST_FILENAME: manifest_bytes, **self._read_version(name, version, stored)}
+            self._write_signature(name, version, files, None)
             # The manifest goes last: a version without one is incomplete and never served.
             _write_bytes_atomically(directory / MANIFEST_FILENAME, manifest_bytes)
             os.chmod(directory / MANIFEST_FILENAME, 0o444)

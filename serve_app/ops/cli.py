@@ -25,7 +25,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     manifest = train(
         _store(args), name=args.name, dataset=args.dataset, estimator=args.estimator,
-        fmt=args.format, seed=args.seed,
+        fmt=args.format, seed=args.seed, progress=lambda message: print(message, file=sys.stderr, flush=True),
     )
     metrics = ", ".join(f"{k}={v:.4f}" for k, v in manifest.metrics.items())
     aliases = [a for a, v in _store(args).aliases(manifest.name).items() if v == manifest.version]
@@ -34,6 +34,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{manifest.dataset}, {manifest.format}; {metrics}) aliases: {', '.join(aliases)}"
     )
     print(f"  {_store(args).version_dir(manifest.name, manifest.version)}")
+    served_by = "ONNX Runtime (compiled model.onnx)" if manifest.runtime == "onnxruntime" else "scikit-learn"
+    print(f"  runtime: {served_by}; {manifest.runtime_reason}")
     return 0
 
 
@@ -298,6 +300,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     outcome = bench(BenchOptions(
         out=Path(args.out), quick=args.quick, duration_s=args.duration, config=Path(args.config),
         servers=servers, generator=args.loadgen, soak_s=args.soak, soak_load=args.soak_load,
+        models=tuple(m.strip() for m in args.models.split(",") if m.strip()), warmup_s=args.warmup,
     ))
     # serve_app's failures fail the run; a baseline's (timeouts at c=128, say) are findings.
     failed = sum(r["errors"] + r["timeouts"] + r["non_2xx"] for r in outcome["results"] if r["server"] == "serve_app")
@@ -340,7 +343,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from serve_app.model.formats import FORMATS
-    from serve_app.model.training import DATASETS, DEFAULT_DATASET, DEFAULT_MODEL_NAME
+    from serve_app.model.training import DATASETS, DEFAULT_DATASET, DEFAULT_MODEL_NAME, ESTIMATORS
 
     parser = argparse.ArgumentParser(prog="serve-app", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -351,8 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = with_store(commands.add_parser("train", help="train a model and store it as a new version"))
     train.add_argument("--name", default=DEFAULT_MODEL_NAME, help="model name in the store (default: iris)")
-    train.add_argument("--dataset", default=DEFAULT_DATASET, choices=sorted(DATASETS), help="built-in scikit-learn dataset")
-    train.add_argument("--estimator", default=None, help="logistic_regression (default), random_forest, linear_regression")
+    train.add_argument("--dataset", default=DEFAULT_DATASET, choices=sorted(DATASETS),
+                       help="built-in dataset: scikit-learn's, or synthetic30 (30-feature make_classification, 10,000 rows)")
+    estimators = sorted({name for choices in ESTIMATORS.values() for name in choices})
+    train.add_argument(
+        "--estimator", default=None, choices=estimators,
+        help="default: the first for the dataset's task (logistic_regression, linear_regression); "
+        + "; ".join(f"{task}: {', '.join(choices)}" for task, choices in ESTIMATORS.items()),
+    )
     train.add_argument("--format", default="skops", choices=FORMATS, help="skops (safe, default) or joblib (pickle)")
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(func=cmd_train)
@@ -439,7 +448,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="bench-results", help="folder for results.md, results.json, bench.png")
     bench.add_argument("--config", default="configs/local.yaml", help="the Serve config to benchmark")
     bench.add_argument("--duration", type=float, default=None, help="seconds per workload (default 10, 2 with --quick)")
-    bench.add_argument("--servers", default="flask,starlette,serve_app", help="comma-separated subset to run")
+    bench.add_argument("--servers", default="flask,starlette,mlserver,serve_app", help="comma-separated subset to run")
+    bench.add_argument("--models", default="iris,forest,boosting",
+                       help="comma-separated: iris (LogisticRegression), forest (RandomForest, 200 trees), boosting "
+                            "(HistGradientBoosting, 200 iterations); --quick shrinks the heavy ones")
+    bench.add_argument("--warmup", type=float, default=None,
+                       help="seconds of 1-row c=32 load on each server before each model's figures (default 30, 1 with --quick)")
     bench.add_argument("--loadgen", default="auto", choices=("auto", "wrk", "python"), help="auto: wrk if installed")
     bench.add_argument("--soak", type=float, default=0.0, help="seconds of a further c=32 run to watch memory growth")
     bench.add_argument("--soak-load", type=float, default=0.7,

@@ -100,12 +100,7 @@ def decode_request(body: bytes, header_length: str | None = None) -> InferReques
     inputs = require_key(payload, "inputs", _EXAMPLE)
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise InvalidInput(f"inputs must hold exactly one tensor of shape [rows, features]; expected {_EXAMPLE}")
-    parameters = payload.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise InvalidInput("parameters must be an object")
-    binary_default = parameters.get("binary_data_output", False)
-    if not isinstance(binary_default, bool):
-        raise InvalidInput(f"parameters.binary_data_output must be true or false, got {binary_default!r}")
+    parameters, binary_default = request_parameters(payload)
     rows, data_end = _input_tensor(inputs[0], "inputs[0]", body, data_start, json_part)
     if data_end != len(body):
         raise BadRequest(
@@ -116,14 +111,14 @@ def decode_request(body: bytes, header_length: str | None = None) -> InferReques
     return InferRequest(
         input_name=str(inputs[0].get("name", "input-0")),
         rows=rows,
-        outputs=_requested_outputs(payload, binary_default),
+        outputs=requested_outputs(payload, binary_default),
         binary_default=binary_default,
         id=str(request_id) if request_id is not None else None,
         parameters=parameters,
     )
 
 
-def _shape_of(spec: Mapping[str, Any], where: str) -> tuple[int, ...]:
+def shape_of(spec: Mapping[str, Any], where: str) -> tuple[int, ...]:
     shape = spec.get("shape")
     if (
         not isinstance(shape, list)
@@ -148,7 +143,7 @@ def _input_tensor(
     spec: Mapping[str, Any], where: str, body: bytes, data_start: int, json_part: bytes
 ) -> tuple[np.ndarray, int]:
     """The tensor `spec` describes, and the offset in `body` where its binary data ends."""
-    shape = _shape_of(spec, where)
+    shape = shape_of(spec, where)
     dtype = _input_dtype(spec, where)
     count = math.prod(shape)
     parameters = spec.get("parameters") or {}
@@ -216,7 +211,18 @@ def _json_tensor(
     return typed.reshape(shape)
 
 
-def _requested_outputs(payload: Mapping[str, Any], binary_default: bool) -> tuple[RequestedOutput, ...] | None:
+def request_parameters(payload: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
+    """The request's `parameters` and whether outputs default to binary."""
+    parameters = payload.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise InvalidInput("parameters must be an object")
+    binary_default = parameters.get("binary_data_output", False)
+    if not isinstance(binary_default, bool):
+        raise InvalidInput(f"parameters.binary_data_output must be true or false, got {binary_default!r}")
+    return parameters, binary_default
+
+
+def requested_outputs(payload: Mapping[str, Any], binary_default: bool) -> tuple[RequestedOutput, ...] | None:
     outputs = payload.get("outputs")
     if outputs is None:
         return None

@@ -65,7 +65,8 @@ def _run_timed(predictor: Predictor, items: Sequence[_BatchItem]) -> tuple[list[
     started = time.perf_counter()
     rows = items[0].rows if len(items) == 1 else np.concatenate([item.rows for item in items])
     wanted = {name for item in items for name in item.outputs}
-    computed = {name: getattr(predictor, name)(rows) for name in (PREDICT, PREDICT_PROBA) if name in wanted}
+    # One evaluation when both outputs are wanted (Predictor.predict_with_proba).
+    computed = predictor.run(rows, [name for name in (PREDICT, PREDICT_PROBA) if name in wanted])
     results = []
     start = 0
     for item in items:
@@ -148,18 +149,12 @@ class ModelServer:
         self.ledger.model_call(predictor, len(items), _rows_in(items), seconds)
         return results
 
-    async def infer(
-        self, predictor: Predictor, rows: Any, outputs: Sequence[str] = (PREDICT,), request: RequestRecord | None = None
+    async def infer_with(
+        self, predictor: Predictor, rows: Any, outputs: Sequence[str], request: RequestRecord
     ) -> InferenceResult:
-        """Validates `rows` and predicts them with `predictor` (from `versions.resolve`), in a
-        batch with other concurrent requests.
-
-        `request` is the record of the request being answered (the route wrapper's, or a
-        handle method's); without one, this call is recorded as a request of its own.
-        """
-        if request is None:
-            with self._recording("handle:infer") as record:
-                return await self.infer(predictor, rows, outputs, record)
+        """The data plane every route and handle method goes through: validates `rows` and
+        predicts them with `predictor` (already resolved by `versions.resolve`), in a batch
+        with other concurrent requests; `request` is the record of the request it answers."""
         request.model, request.version = predictor.name, predictor.version
         outputs = tuple(outputs)
         predictor.check_outputs(outputs)
@@ -220,9 +215,15 @@ class ModelServer:
             record.finish(status)
             self.ledger.record(record)
 
+    async def infer(self, rows: Any, outputs: Sequence[str] = (PREDICT,), version: str | None = None) -> InferenceResult:
+        """For `handle.infer.remote(rows, ["predict", "predict_proba"], "2")`: the outputs named,
+        and which model and version produced them."""
+        with self._recording("handle:infer") as record:
+            return await self.infer_with(await self.versions.resolve(version), rows, outputs, record)
+
     async def _predict(self, route: str, rows: Any, version: str | None, output: str) -> np.ndarray:
         with self._recording(route) as record:
-            result = await self.infer(await self.versions.resolve(version), rows, (output,), record)
+            result = await self.infer_with(await self.versions.resolve(version), rows, (output,), record)
             return result.outputs[output]
 
     async def predict(self, rows: Any, version: str | None = None) -> np.ndarray:
@@ -241,7 +242,7 @@ class ModelServer:
             predictor = await self.versions.resolve(version)
             array = np.asarray(rows)
             for start in range(0, len(array), chunk_rows):
-                yield (await self.infer(predictor, array[start : start + chunk_rows], (PREDICT,), record)).outputs[PREDICT]
+                yield (await self.infer_with(predictor, array[start : start + chunk_rows], (PREDICT,), record)).outputs[PREDICT]
 
     def status(self) -> dict[str, Any]:
         """What this replica serves right now (for operators and tests)."""
@@ -249,6 +250,9 @@ class ModelServer:
             "pid": os.getpid(),
             "model": self.versions.name,
             "version": self.versions.default.version,
+            # Which runtime answers the default version, and why (compiled model or scikit-learn).
+            "runtime": self.versions.default.runtime,
+            "runtime_reason": self.versions.default.runtime_reason,
             "routing": self.versions.routing.describe() if self.versions.routing else None,
             "traffic": self.ledger.traffic(),
             "requested_version": self.runtime.version,

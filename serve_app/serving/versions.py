@@ -109,6 +109,8 @@ class ModelVersions:
             version,
             max_rows=self.settings.max_rows,
             expected_features=self.settings.expected_features,
+            runtime=self.settings.runtime,
+            threads=self.settings.onnx_threads,
         )
         predictor.check_health()
         with self._lock:

@@ -1,22 +1,25 @@
 """A hand-written one-worker uvicorn + Starlette server: the baseline serve_app must beat.
 
 What an engineer would write without Ray: one route, the JSON body decoded by Starlette
-(`request.json()`, stdlib json), the model's own `predict` (sklearn, with its input
+(`request.json()`, stdlib json), the scikit-learn estimator's own `predict` (with its input
 validation), a JSONResponse. It takes the seed's contract, one row or a list of rows:
 
     {"features": [5.1, 3.5, 1.4, 0.2]}            -> {"prediction": 0}
     {"features": [[5.1, 3.5, 1.4, 0.2], ...]}     -> {"predictions": [0, ...]}
 
+The model is read from a store the same safe way serve_app reads it (`load_verified`: the
+publisher's signature and the hashes checked, the skops file rebuilt from allowed classes
+only); then the scikit-learn estimator is called directly, never a compiled form of it.
 uvicorn uses uvloop and httptools when installed (they are, with uvicorn's usual extras),
 one worker, no access log (serve_app runs with its access log off too):
 
-    python -m serve_app.ops.baselines.starlette_app --model models/iris/1/model.skops --port 8001
+    python -m serve_app.ops.baselines.starlette_app --store models --model iris --port 8001
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import uvicorn
@@ -25,12 +28,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from serve_app.model import formats as artefacts
+from serve_app.model.store import ModelStore
 
 
-def build(model_path: str) -> Starlette:
-    model = artefacts.load(Path(model_path), "skops" if model_path.endswith(".skops") else "joblib")
-
+def build(model: Any) -> Starlette:
     async def predict(request: Request) -> JSONResponse:
         try:
             features = (await request.json())["features"]
@@ -46,7 +47,10 @@ def build(model_path: str) -> Starlette:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", required=True, help="a stored model file (.skops or .joblib)")
+    parser.add_argument("--store", required=True, help="the model store")
+    parser.add_argument("--model", required=True, help="a model name in the store")
+    parser.add_argument("--version", default="production", help="version or alias (default: production)")
     parser.add_argument("--port", type=int, default=8001)
     args = parser.parse_args()
-    uvicorn.run(build(args.model), host="127.0.0.1", port=args.port, workers=1, access_log=False, log_level="warning")
+    estimator, _ = ModelStore(args.store).load_verified(args.model, args.version)
+    uvicorn.run(build(estimator), host="127.0.0.1", port=args.port, workers=1, access_log=False, log_level="warning")

@@ -54,8 +54,8 @@ class InferenceBackend(Protocol):
     ledger: RequestLedger
     monitor: Any  # the replica's Monitor, or None when monitoring is off
 
-    async def infer(
-        self, predictor: Predictor, rows: Any, outputs: Sequence[str] = ..., request: RequestRecord | None = ...
+    async def infer_with(
+        self, predictor: Predictor, rows: Any, outputs: Sequence[str], request: RequestRecord
     ) -> InferenceResult: ...
 
     def status(self) -> dict[str, Any]: ...

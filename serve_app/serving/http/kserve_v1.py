@@ -17,7 +17,7 @@ def endpoints(backend: InferenceBackend) -> list[Endpoint]:
     async def predict(request: Request, record: RequestRecord) -> Response:
         rows = kserve_v1.decode_request(await json_body(request, limit))
         predictor = await backend.versions.resolve(None, request.path_params["name"], sticky_key(backend, request))
-        result = await backend.infer(predictor, rows, (PREDICT,), record)
+        result = await backend.infer_with(predictor, rows, (PREDICT,), record)
         payload = {"predictions": result.outputs[PREDICT], "model_name": result.model, "model_version": result.version}
         return json_response(payload, headers=answered_by(result.model, result.version))
 

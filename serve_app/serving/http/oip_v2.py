@@ -55,7 +55,7 @@ def endpoints(backend: InferenceBackend) -> list[Endpoint]:
         if requested is None:  # the spec: no outputs named means all of them
             requested = tuple(oip_v2.RequestedOutput(name, decoded.binary_default) for name in predictor.outputs)
         # The version chosen above (canary split included) is the one that answers.
-        result = await backend.infer(predictor, decoded.rows, [output.name for output in requested], record)
+        result = await backend.infer_with(predictor, decoded.rows, [output.name for output in requested], record)
         head: dict[str, Any] = {"model_name": result.model, "model_version": result.version}
         if decoded.id is not None:
             head["id"] = decoded.id
@@ -87,7 +87,7 @@ def metadata(predictor: Predictor, versions: Sequence[str]) -> dict[str, Any]:
     return {
         "name": predictor.name,
         "versions": list(versions),
-        "platform": "sklearn",
+        "platform": "onnxruntime_onnx" if predictor.runtime == "onnxruntime" else "sklearn",
         "inputs": [{"name": "input-0", "datatype": "FP64", "shape": [-1, predictor.n_features]}],
         "outputs": outputs,
         "parameters": {
@@ -98,6 +98,9 @@ def metadata(predictor: Predictor, versions: Sequence[str]) -> dict[str, Any]:
             "metrics": manifest.metrics,
             "sha256": manifest.sha256,
             "created_at": manifest.created_at,
+            # Which runtime answers this version here, and why (publish-time verification or fallback).
+            "runtime": predictor.runtime,
+            "runtime_reason": predictor.runtime_reason,
         },
     }
 

@@ -21,7 +21,7 @@ def endpoints(backend: InferenceBackend) -> list[Endpoint]:
     async def predict(request: Request, record: RequestRecord) -> Response:
         decoded = predict_api.decode_request(await json_body(request, limit))
         predictor = await backend.versions.resolve(request.headers.get(VERSION_HEADER), None, sticky_key(backend, request))
-        result = await backend.infer(predictor, decoded.rows, (PREDICT,), record)
+        result = await backend.infer_with(predictor, decoded.rows, (PREDICT,), record)
         labels = result.outputs[PREDICT].tolist()
         payload: dict[str, Any] = {"prediction": labels[0]} if decoded.single else {"predictions": labels}
         payload["model"] = result.model

@@ -60,7 +60,7 @@ async def predict_lines(
         except ServeAppError as exc:
             answers[index] = {"error": exc.message, "line": first_line + index}
     if rows:
-        result = await backend.infer(predictor, np.concatenate(rows), (PREDICT,), record)
+        result = await backend.infer_with(predictor, np.concatenate(rows), (PREDICT,), record)
         for index, label in zip(where, result.outputs[PREDICT].tolist()):
             answers[index] = {"prediction": label}
     return b"".join(a if isinstance(a, bytes) else dumps(a) + b"\n" for a in answers)
