@@ -21,10 +21,10 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
-from serve_app.protocol.json import dumps, loads
+from serve_app.protocol.json import loads
 from serve_app.errors import InvalidInput, NotFound
 from serve_app.monitoring.monitor import Monitor
-from serve_app.serving.http.endpoint import Endpoint, InferenceBackend, json_body
+from serve_app.serving.http.endpoint import Endpoint, InferenceBackend, json_body, json_response
 from serve_app.serving.ledger import RequestRecord
 
 MAX_FEEDBACK_ITEMS = 10_000
@@ -86,15 +86,15 @@ def endpoints(backend: InferenceBackend) -> list[Endpoint]:
         monitor = monitor_of(request)
         items = decode_feedback(await json_body(request, limit))
         result = await from_hub(monitor, "feedback", items)
-        return codec_response(result)
+        return json_response(result)
 
     async def drift(request: Request, record: RequestRecord) -> Response:
         monitor = monitor_of(request)
-        return codec_response(await from_hub(monitor, "drift", backend.versions.name))
+        return json_response(await from_hub(monitor, "drift", backend.versions.name))
 
     async def accuracy(request: Request, record: RequestRecord) -> Response:
         monitor = monitor_of(request)
-        return codec_response(await from_hub(monitor, "accuracy", backend.versions.name))
+        return json_response(await from_hub(monitor, "accuracy", backend.versions.name))
 
     async def summary_of(request: Request) -> dict[str, Any]:
         monitor = monitor_of(request)
@@ -103,7 +103,7 @@ def endpoints(backend: InferenceBackend) -> list[Endpoint]:
         return summary
 
     async def monitoring(request: Request, record: RequestRecord) -> Response:
-        return codec_response(await summary_of(request))
+        return json_response(await summary_of(request))
 
     async def dashboard(request: Request, record: RequestRecord) -> Response:
         from serve_app.monitoring.dashboard import render_html
@@ -120,10 +120,6 @@ def endpoints(backend: InferenceBackend) -> list[Endpoint]:
         Endpoint("/v2/models/{name}/monitoring", monitoring, ("GET",)),
         Endpoint("/dashboard", dashboard, ("GET",)),
     ]
-
-
-def codec_response(payload: Any) -> Response:
-    return Response(dumps(payload), media_type="application/json")
 
 
 def openapi_paths() -> dict[str, Any]:
