@@ -8,9 +8,11 @@ at `serve run`/`serve deploy` time with a message that says what is allowed.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
-from typing import Literal, Optional, TypeVar
+from typing import Any, Literal, Mapping, Optional, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -277,3 +279,11 @@ def validated(model: type[SettingsT], values: object, where: str) -> SettingsT:
 def runtime_settings(user_config: object) -> RuntimeSettings:
     """The deployment's `user_config`, validated (ConfigError says which key is wrong)."""
     return validated(RuntimeSettings, user_config, "deployment user_config")
+
+
+def user_config_fingerprint(user_config: Mapping[str, Any] | None) -> str:
+    """A short hash of a `user_config` as deployed: a replica reports the one it last handled
+    (GET /admin/status `user_config`), so a rollout judges each replica only once it has seen
+    the config just deployed, never by what it said about an earlier one."""
+    canonical = json.dumps(dict(user_config or {}), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]

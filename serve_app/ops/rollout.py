@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from serve_app.ops import control
+from serve_app.settings import user_config_fingerprint
 
 
 class RolloutRefused(RuntimeError):
@@ -26,19 +27,29 @@ class Target:
     url: str | None = None  # the app's HTTP base URL; found from the cluster if None
 
 
-def _all_switched(view: control.ReplicaView, expect: Callable[[Mapping[str, Any]], bool]) -> bool:
+def _all_switched(view: control.ReplicaView, expect: Callable[[Mapping[str, Any]], bool], deployed: str) -> bool:
     # Every live replica is RUNNING (an UPDATING one is still inside reconfigure and answers
-    # with its old routing) and has itself been seen to report the new routing.
+    # with its old routing) and has itself been seen to report the new routing, after handling
+    # the user_config just deployed (its routing may have matched before: `serve_version` of
+    # the version a refused push left it serving).
     return bool(view.states) and all(
-        state == "RUNNING" and pid in view.statuses and expect(view.statuses[pid]["routing"])
+        state == "RUNNING" and pid in view.statuses and _handled(view.statuses[pid], deployed)
+        and expect(view.statuses[pid]["routing"])
         for pid, state in view.states.items()
     )
 
 
+def _handled(status: Mapping[str, Any], deployed: str) -> bool:
+    """Whether the replica's status is about the user_config with fingerprint `deployed`."""
+    return status.get("user_config") == deployed
+
+
 def current_user_config(target: Target) -> dict[str, Any]:
-    config = control.deployed_config(target.address)
-    app = control.find_app(config, target.app)
-    for deployment in app.get("deployments", []):
+    return _user_config_of(control.deployed_config(target.address), target.app)
+
+
+def _user_config_of(config: Mapping[str, Any], app_name: str) -> dict[str, Any]:
+    for deployment in control.find_app(config, app_name).get("deployments", []):
         if deployment.get("name") == control.DEPLOYMENT_NAME:
             return dict(deployment.get("user_config") or {})
     return {}
@@ -58,15 +69,18 @@ def apply(
     """Redeploys the running config with `updates` to the user_config and waits until every
     replica's routing satisfies `expect`; returns the last status seen per replica."""
     config = control.with_user_config(control.deployed_config(target.address), updates, target.app)
+    deployed = user_config_fingerprint(_user_config_of(config, target.app))
     control.deploy(config, target.address)
 
     def refused(status: Mapping[str, Any]) -> None:
+        # An error about an earlier user_config (a refused push before this one) is not this
+        # change's: only a replica that handled this one can have refused it.
         error = status.get("last_reconfigure_error")
-        if error and not expect(status["routing"]):
+        if error and _handled(status, deployed) and not expect(status["routing"]):
             raise RolloutRefused(f"replica pid {status['pid']} refused the change and keeps serving {status['routing']}: {error}")
 
     try:
-        view = control.watch_replicas(lambda view: _all_switched(view, expect), target.address, target.app,
+        view = control.watch_replicas(lambda view: _all_switched(view, expect, deployed), target.address, target.app,
                                       url=target.url, timeout_s=timeout_s, on_status=refused)
     except control.ReplicasNotReady as exc:
         raise TimeoutError(f"not every replica switched within {timeout_s}s; last seen: {list(exc.view.statuses.values())}") from None
