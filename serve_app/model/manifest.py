@@ -10,6 +10,8 @@ from typing import Any, Literal, Optional
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from serve_app.model.schema import CategoryStats, InputSchema
+
 MANIFEST_FILENAME = "manifest.json"
 MODEL_FILENAMES = {"skops": "model.skops", "joblib": "model.joblib"}
 COMPILED_FILENAME = "model.onnx"  # the compiled model beside the scikit-learn one (compiled.py)
@@ -61,6 +63,12 @@ class Manifest(BaseModel):
     n_train: int = 0
     n_test: int = 0
     training_stats: dict[str, FeatureStats] = Field(default_factory=dict)
+    # Named, typed columns (a Pipeline fitted on a DataFrame). None: every feature is a number
+    # and requests are one float64 matrix (the built-in models, and every manifest written
+    # before typed columns). `category_stats` is the training distribution of each string and
+    # boolean column (its numeric columns are in `training_stats`).
+    input_schema: Optional[InputSchema] = None
+    category_stats: dict[str, CategoryStats] = Field(default_factory=dict)
     versions: dict[str, str] = Field(default_factory=dict)
     created_by: str = ""
     # Which runtime serves this version and why, decided at publish time. Optional with
@@ -73,6 +81,22 @@ class Manifest(BaseModel):
     # compiled.Verification.as_dict(): input dtype, rows checked, label mismatches, max
     # |difference| and its tolerance, conversion time, converter and runtime versions.
     verification: Optional[dict[str, Any]] = None
+
+    @property  # shadows pydantic's deprecated `BaseModel.schema()`, which nothing here calls
+    def schema(self) -> InputSchema:  # type: ignore[override]
+        """The columns a request sends: the recorded schema, or one number per feature."""
+        return self.input_schema if self.input_schema is not None else InputSchema.numeric(self.feature_names)
+
+    @property
+    def typed(self) -> bool:
+        """Whether requests are checked column by column (not the all-numeric fast path)."""
+        return not self.schema.all_numeric
+
+    @model_validator(mode="after")
+    def _schema_matches_features(self) -> "Manifest":
+        if self.input_schema is not None and self.input_schema.names != self.feature_names:
+            raise ValueError(f"input_schema columns {self.input_schema.names} are not feature_names {self.feature_names}")
+        return self
 
     @model_validator(mode="after")
     def _compiled_fields_together(self) -> "Manifest":

@@ -8,6 +8,12 @@ call the same `Predictor`:
     >>> predictor.predict(predictor.validate([[5.1, 3.5, 1.4, 0.2]]))
     array([0])
 
+A model with named, typed columns (a Pipeline fitted on a DataFrame: manifest `input_schema`)
+takes a `ColumnTable` (what the protocol decoders make), a pandas DataFrame or records
+(`{"column": value}` dicts); `validate` checks each column against the schema, and the model
+gets a DataFrame with the dtypes it was fitted with. All-numeric models keep the float64
+matrix path, with no pandas.
+
 A version published with a verified compiled model (manifest `runtime: onnxruntime`) is
 answered by ONNX Runtime (`Predictor.runtime`, `runtime_reason` say so), unless the caller
 asks for scikit-learn (`runtime="sklearn"`, AppSettings.runtime). Its labels are
@@ -18,6 +24,7 @@ tolerance the manifest records.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -29,6 +36,7 @@ from serve_app.errors import InvalidInput, ModelLoadError, PayloadTooLarge
 from serve_app.model.manifest import Manifest, Runtime
 from serve_app.settings import DEFAULT_MAX_ROWS, RuntimeChoice
 from serve_app.model.store import DEFAULT_ALIAS, ModelStore
+from serve_app.protocol.columns import ColumnTable, decode_frame, decode_records
 
 if TYPE_CHECKING:
     from serve_app.model.compiled import CompiledModel
@@ -91,15 +99,28 @@ class Predictor:
                 f"{manifest.name} v{manifest.version}: the compiled model's classes {compiled.classes.tolist()} "
                 f"are not the manifest's {manifest.classes}; refusing it"
             )
+        self.schema = manifest.schema
+        self.typed = manifest.typed
+        """Whether requests are named, typed columns (`ColumnTable`s), not a float64 matrix."""
+        if not self.typed and compiled is None and getattr(model, "feature_names_in_", None) is not None:
+            # Fitted on a DataFrame of numbers but answered from the validated matrix, whose
+            # columns are in the schema's order: scikit-learn's per-call warning says nothing.
+            warnings.filterwarnings("ignore", message="X does not have valid feature names", category=UserWarning)
+        # A Pipeline's last step evaluated once for predict and predict_proba, on the output of
+        # the steps before it (typed models are Pipelines whose first steps encode the columns).
+        self._head, final = _split_pipeline(model)
+        self._final = final
         self._linear = model if served_directly(model) else None
         # Softmax of the scores is sklearn's predict_proba only for a multinomial model;
         # before sklearn 1.8, multi_class="ovr" or the liblinear solver meant one-vs-rest.
         self._softmax_proba = self._linear is not None and (
             getattr(model, "multi_class", "auto") != "ovr" and getattr(model, "solver", "lbfgs") != "liblinear"
         )
-        self._one_evaluation = one_evaluation_kind(model)
-        self._canned_row = np.array(
-            [[manifest.training_stats[f].mean if f in manifest.training_stats else 0.0 for f in manifest.feature_names]]
+        self._one_evaluation = one_evaluation_kind(final)
+        self._canned_row: np.ndarray | ColumnTable = (
+            decode_records([canned_record(manifest)], self.schema, "the health check's record", single=True)
+            if self.typed
+            else np.array([[manifest.training_stats[f].mean if f in manifest.training_stats else 0.0 for f in manifest.feature_names]])
         )
 
     @classmethod
@@ -166,13 +187,16 @@ class Predictor:
     def n_features(self) -> int:
         return self.manifest.n_features
 
-    def validate(self, rows: Any) -> np.ndarray:
-        """The rows as a finite float64 [n, n_features] array, or a 4xx error saying why not.
+    def validate(self, rows: Any) -> Any:
+        """The rows as the model takes them, or a 4xx error saying why not: a finite float64
+        [n, n_features] array, or for a typed model a `ColumnTable` checked column by column.
 
         Every caller comes through here: the HTTP routes with arrays the protocol decoders
         made (numbers already, of the request's datatype), Ray handles and the batch job with
         whatever they were given. The checks are the ones a model needs, each done once.
         """
+        if self.typed:
+            return self._validate_table(rows)
         array = np.asarray(rows)
         if array.dtype.kind not in "iuf":  # a decoded request always passes; a handle's list may not
             raise InvalidInput(f"features must be numbers, got {array.dtype} values")
@@ -201,6 +225,27 @@ class Predictor:
         # is not float64 already or sits at an unaligned address.
         return np.require(array, np.float64, ["C_CONTIGUOUS", "ALIGNED"])
 
+    def _validate_table(self, rows: Any) -> ColumnTable:
+        if isinstance(rows, ColumnTable):
+            if rows.schema != self.schema:  # decoded for another version's columns
+                raise InvalidInput(f"the rows were decoded for other columns than {self.name} v{self.version} takes "
+                                   f"({', '.join(self.schema.names)})")
+            table = rows
+        elif hasattr(rows, "columns") and hasattr(rows, "dtypes"):  # a pandas DataFrame
+            table = decode_frame(rows, self.schema)
+        elif isinstance(rows, dict):
+            table = decode_records([rows], self.schema, "the record", single=True)
+        elif isinstance(rows, (list, tuple)) and all(isinstance(row, dict) for row in rows):
+            table = decode_records(list(rows), self.schema, "the records")
+        else:
+            raise InvalidInput(
+                f"{self.name} v{self.version} takes named columns ({', '.join(self.schema.names)}): send a "
+                f"pandas DataFrame, a record {{column: value}} or a list of records, not {type(rows).__name__}"
+            )
+        if table.n_rows > self.max_rows:
+            raise PayloadTooLarge(f"{table.n_rows} rows in one request; the limit is {self.max_rows} (split the request)")
+        return table
+
     def _check_finite(self, rows: np.ndarray) -> None:
         # On the request's own dtype, before any conversion (float32 halves the work).
         finite = np.isfinite(rows)
@@ -224,7 +269,12 @@ class Predictor:
     # with assume_finite, or for a plain LogisticRegression by doing its arithmetic directly
     # (the same numpy operations in the same order, so the results are bit-identical).
 
-    def predict(self, rows: np.ndarray) -> np.ndarray:
+    @staticmethod
+    def _model_input(rows: Any) -> Any:
+        """What the scikit-learn model is called with: the matrix, or a table's DataFrame."""
+        return rows.to_dataframe() if isinstance(rows, ColumnTable) else rows
+
+    def predict(self, rows: Any) -> np.ndarray:
         if self.compiled is not None:
             return self.compiled.predict(rows)
         if self._linear is not None:
@@ -236,9 +286,9 @@ class Predictor:
                 return self._linear.classes_.take((scores.ravel() > 0).astype(np.intp))
             return self._linear.classes_.take(scores.argmax(axis=1))
         with sklearn.config_context(assume_finite=True):
-            return np.asarray(self.model.predict(rows))
+            return np.asarray(self.model.predict(self._model_input(rows)))
 
-    def predict_proba(self, rows: np.ndarray) -> np.ndarray:
+    def predict_proba(self, rows: Any) -> np.ndarray:
         if PREDICT_PROBA not in self.outputs:
             raise InvalidInput(f"{self.name} v{self.version} ({self.manifest.estimator}) has no predict_proba")
         if self.compiled is not None:
@@ -247,7 +297,7 @@ class Predictor:
             with np.errstate(over="ignore", invalid="ignore"):
                 return softmax(rows @ self._linear.coef_.T + self._linear.intercept_, copy=False)
         with sklearn.config_context(assume_finite=True):
-            return np.asarray(self.model.predict_proba(rows))
+            return np.asarray(self.model.predict_proba(self._model_input(rows)))
 
     @property
     def one_evaluation(self) -> bool:
@@ -256,7 +306,7 @@ class Predictor:
             self._linear is not None and self._softmax_proba and len(self._linear.classes_) > 2
         )
 
-    def predict_with_proba(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def predict_with_proba(self, rows: Any) -> tuple[np.ndarray, np.ndarray]:
         """`predict` and `predict_proba` of a classifier, from one evaluation where the runtime
         allows it (`one_evaluation`), each exactly what the method alone answers."""
         if PREDICT_PROBA not in self.outputs:
@@ -264,21 +314,26 @@ class Predictor:
         if self.compiled is not None:
             return self.compiled.predict_with_proba(rows)
         kind = self._one_evaluation
+        if kind is not None and self._head is not None:  # a Pipeline: its first steps once, then as below
+            with sklearn.config_context(assume_finite=True):
+                rows = self._head.transform(self._model_input(rows))
+        final = self._final
         if kind == "forest":  # ForestClassifier.predict, as scikit-learn writes it
-            proba = self.predict_proba(rows)
-            return self.model.classes_.take(np.argmax(proba, axis=1), axis=0), proba
+            with sklearn.config_context(assume_finite=True):
+                proba = np.asarray(final.predict_proba(rows))
+            return final.classes_.take(np.argmax(proba, axis=1), axis=0), proba
         if kind == "hist_gradient_boosting":  # HistGradientBoostingClassifier.predict and predict_proba
             with sklearn.config_context(assume_finite=True):
-                raw = self.model._raw_predict(rows)
+                raw = final._raw_predict(rows)
             encoded = (raw.ravel() > 0).astype(int) if raw.shape[1] == 1 else np.argmax(raw, axis=1)
-            return self.model.classes_[encoded], self.model._loss.predict_proba(raw)
+            return final.classes_[encoded], final._loss.predict_proba(raw)
         if self._linear is not None and self._softmax_proba and len(self._linear.classes_) > 2:
             with np.errstate(over="ignore", invalid="ignore"):
                 scores = rows @ self._linear.coef_.T + self._linear.intercept_
             return self._linear.classes_.take(scores.argmax(axis=1)), softmax(scores, copy=False)
         return self.predict(rows), self.predict_proba(rows)
 
-    def run(self, rows: np.ndarray, outputs: Sequence[str] = (PREDICT,)) -> dict[str, np.ndarray]:
+    def run(self, rows: Any, outputs: Sequence[str] = (PREDICT,)) -> dict[str, np.ndarray]:
         """The named outputs for `rows`; predict and predict_proba together from one evaluation."""
         self.check_outputs(outputs)
         if PREDICT in outputs and PREDICT_PROBA in outputs:
@@ -296,10 +351,38 @@ class Predictor:
     def metadata(self) -> Mapping[str, Any]:
         """The manifest (without training statistics), with the runtime this process serves by."""
         return {
-            **self.manifest.model_dump(mode="json", exclude={"training_stats"}),
+            **self.manifest.model_dump(mode="json", exclude={"training_stats", "category_stats"}),
             "runtime": self.runtime,
             "runtime_reason": self.runtime_reason,
         }
+
+
+def _split_pipeline(model: Any) -> tuple[Any, Any]:
+    """(the steps before the last, the last step) of a Pipeline; (None, model) otherwise."""
+    from sklearn.pipeline import Pipeline
+
+    if isinstance(model, Pipeline) and len(model.steps) > 1:
+        return model[:-1], model[-1]
+    return None, model
+
+
+def canned_record(manifest: Manifest) -> dict[str, Any]:
+    """A typical record for a typed model (health checks): each number its training mean,
+    each category its most frequent one, a null where a column allows nothing else known."""
+    record: dict[str, Any] = {}
+    for column in manifest.schema.columns:
+        numeric = manifest.training_stats.get(column.name)
+        frequencies = manifest.category_stats[column.name].frequencies if column.name in manifest.category_stats else {}
+        if column.kind == "number":
+            record[column.name] = numeric.mean if numeric is not None else (None if column.nullable else 0.0)
+        elif column.kind == "integer":
+            record[column.name] = round(numeric.mean) if numeric is not None else (None if column.nullable else 0)
+        elif column.kind == "boolean":
+            record[column.name] = next(iter(frequencies), "false") == "true"
+        else:
+            known = next(iter(frequencies), None) or next(iter(column.categories or ()), None)
+            record[column.name] = known if known is not None else (None if column.nullable else "")
+    return record
 
 
 def check_library_versions(manifest: Manifest) -> None:

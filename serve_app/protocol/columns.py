@@ -74,6 +74,9 @@ class ColumnTable:
     columns: Mapping[str, np.ndarray]
     n_rows: int
 
+    def __len__(self) -> int:  # rows, as for a matrix: counted alike in the ledger and batches
+        return self.n_rows
+
     def to_dataframe(self) -> "pd.DataFrame":
         """The rows as a DataFrame with the columns in schema order, each with the dtype the
         model was fitted with (`Column.pandas_dtype`); nulls become that dtype's missing value

@@ -30,8 +30,9 @@ from serve_app.errors import ServeAppError
 from serve_app.serving.batching import BATCHERS
 from serve_app.monitoring import replica_monitor
 from serve_app.model.predictor import PREDICT, PREDICT_PROBA, Predictor
+from serve_app.protocol.columns import ColumnTable, concat
 from serve_app.serving.versions import ModelVersions
-from serve_app.settings import AppSettings, RuntimeSettings, runtime_settings
+from serve_app.settings import AppSettings, RuntimeSettings, runtime_settings, user_config_fingerprint
 from serve_app.serving.ledger import RequestLedger, RequestRecord
 
 logger = logging.getLogger("ray.serve")
@@ -45,32 +46,47 @@ class InferenceResult:
     outputs: dict[str, np.ndarray]
 
 
+Rows = np.ndarray | ColumnTable  # validated: a float64 matrix, or a typed model's columns
+
+
+def n_rows(rows: Rows) -> int:
+    return rows.n_rows if isinstance(rows, ColumnTable) else len(rows)
+
+
 @dataclass(frozen=True)
 class _BatchItem:
     predictor: Predictor
-    rows: np.ndarray
+    rows: Rows
     outputs: tuple[str, ...]
 
 
 def _item_rows(item: _BatchItem) -> int:
-    return len(item.rows)
+    return n_rows(item.rows)
 
 
 def _rows_in(items: Sequence[_BatchItem]) -> int:
-    return sum(len(item.rows) for item in items)
+    return sum(n_rows(item.rows) for item in items)
+
+
+def _joined(items: Sequence[_BatchItem]) -> Rows:
+    if len(items) == 1:
+        return items[0].rows
+    if isinstance(items[0].rows, ColumnTable):  # typed requests batch like numeric ones
+        return concat([item.rows for item in items])  # type: ignore[misc]
+    return np.concatenate([item.rows for item in items])
 
 
 def _run_timed(predictor: Predictor, items: Sequence[_BatchItem]) -> tuple[list[dict[str, np.ndarray]], float]:
     """The model's answers for `items` in one call, and how long the call took."""
     started = time.perf_counter()
-    rows = items[0].rows if len(items) == 1 else np.concatenate([item.rows for item in items])
+    rows = _joined(items)
     wanted = {name for item in items for name in item.outputs}
     # One evaluation when both outputs are wanted (Predictor.predict_with_proba).
     computed = predictor.run(rows, [name for name in (PREDICT, PREDICT_PROBA) if name in wanted])
     results = []
     start = 0
     for item in items:
-        stop = start + len(item.rows)
+        stop = start + n_rows(item.rows)
         results.append({name: computed[name][start:stop] for name in item.outputs})
         start = stop
     return results, time.perf_counter() - started
@@ -93,6 +109,7 @@ class ModelServer:
         self.versions = ModelVersions(self.settings)
         self.runtime = RuntimeSettings()
         self.last_reconfigure_error: str | None = None
+        self.user_config: str | None = None  # user_config_fingerprint of the last user_config handled
         self.monitor = replica_monitor(self.settings)  # None when args.monitoring.enabled is false
         self.ledger = RequestLedger(self.monitor)  # each request and model call, counted once
         self._shadow_runner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="serve_app-shadow")
@@ -114,6 +131,8 @@ class ModelServer:
             runtime = runtime.model_copy(update={"version": self.runtime.version, "canary": self.runtime.canary, "shadow": self.runtime.shadow})
         else:
             self.last_reconfigure_error = None
+        finally:
+            self.user_config = user_config_fingerprint(user_config)
         if runtime.batcher != self.runtime.batcher:
             self._batcher = self._new_batcher(runtime)  # a batch already queued in the old one still runs
         else:
@@ -160,13 +179,13 @@ class ModelServer:
         predictor.check_outputs(outputs)
         array = predictor.validate(rows)
         item = _BatchItem(predictor, array, outputs)
-        if len(array) > self.runtime.max_batch_size:
+        if n_rows(array) > self.runtime.max_batch_size:
             # Already a full batch on its own. Off the event loop: there it would keep
             # every other request waiting uncounted (Ray Serve counts a direct-ingress
             # request as ongoing only once the loop gets to it), so the autoscaler never
             # saw the load and never scaled up.
             results, seconds = await asyncio.to_thread(_run_timed, predictor, [item])
-            self.ledger.model_call(predictor, 1, len(array), seconds)
+            self.ledger.model_call(predictor, 1, n_rows(array), seconds)
             result = results[0]
         else:
             result = await self._batcher.submit(item)
@@ -177,7 +196,7 @@ class ModelServer:
                 self._shadow(routing.shadow, array, result[PREDICT])
         return InferenceResult(predictor.name, predictor.version, result)
 
-    def _shadow(self, shadow: Predictor, rows: np.ndarray, served: np.ndarray) -> None:
+    def _shadow(self, shadow: Predictor, rows: Rows, served: np.ndarray) -> None:
         """Predicts `rows` with the shadow in its own thread: it never delays or changes an answer,
         nor holds up the event loop; past MAX_SHADOW_BACKLOG waiting calls a sample is skipped."""
         if self._shadow_backlog >= MAX_SHADOW_BACKLOG:
@@ -240,9 +259,14 @@ class ModelServer:
         version. For an input that is itself a stream, see `serve_app.client.predict_iter`."""
         with self._recording("handle:predict_stream") as record:
             predictor = await self.versions.resolve(version)
-            array = np.asarray(rows)
-            for start in range(0, len(array), chunk_rows):
-                yield (await self.infer_with(predictor, array[start : start + chunk_rows], (PREDICT,), record)).outputs[PREDICT]
+            if predictor.typed:  # a DataFrame or records: sliced as given, each chunk checked
+                total = len(rows)
+                chunk = (lambda a, b: rows.iloc[a:b]) if hasattr(rows, "iloc") else (lambda a, b: rows[a:b])
+            else:
+                array = np.asarray(rows)
+                total, chunk = len(array), (lambda a, b: array[a:b])
+            for start in range(0, total, chunk_rows):
+                yield (await self.infer_with(predictor, chunk(start, start + chunk_rows), (PREDICT,), record)).outputs[PREDICT]
 
     def status(self) -> dict[str, Any]:
         """What this replica serves right now (for operators and tests)."""
@@ -262,6 +286,8 @@ class ModelServer:
             "batcher": self.runtime.batcher,
             "batches": self.ledger.batches(),
             "last_reconfigure_error": self.last_reconfigure_error,
+            # Which user_config the error (or its absence) is about: rollouts wait for theirs.
+            "user_config": self.user_config,
             "monitor": self.monitor.stats() if self.monitor is not None else None,
         }
 

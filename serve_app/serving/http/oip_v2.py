@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from serve_app.model.predictor import PREDICT, PREDICT_PROBA, Predictor
-from serve_app.protocol import oip_v2
+from serve_app.protocol import columns, oip_v2
 from serve_app.serving.http.endpoint import (
     JSON, Endpoint, InferenceBackend, answered_by, json_body, json_response, read_body, sticky_key,
 )
@@ -50,12 +50,14 @@ def endpoints(backend: InferenceBackend) -> list[Endpoint]:
         predictor = await predictor_of(request)  # an unknown model or version is a 404 first
         header_length = request.headers.get(oip_v2.BINARY_HEADER)
         body = await (json_body(request, limit) if header_length is None else read_body(request, limit))
-        decoded = oip_v2.decode_request(body, header_length)
+        # One named input per column for a typed model; one 2-D tensor of numbers otherwise.
+        decoded = columns.decode_v2(body, predictor.schema, header_length) if predictor.typed else oip_v2.decode_request(body, header_length)
+        rows = decoded.table if isinstance(decoded, columns.NamedInferRequest) else decoded.rows
         requested = decoded.outputs
         if requested is None:  # the spec: no outputs named means all of them
             requested = tuple(oip_v2.RequestedOutput(name, decoded.binary_default) for name in predictor.outputs)
         # The version chosen above (canary split included) is the one that answers.
-        result = await backend.infer_with(predictor, decoded.rows, [output.name for output in requested], record)
+        result = await backend.infer_with(predictor, rows, [output.name for output in requested], record)
         head: dict[str, Any] = {"model_name": result.model, "model_version": result.version}
         if decoded.id is not None:
             head["id"] = decoded.id
@@ -88,7 +90,7 @@ def metadata(predictor: Predictor, versions: Sequence[str]) -> dict[str, Any]:
         "name": predictor.name,
         "versions": list(versions),
         "platform": "onnxruntime_onnx" if predictor.runtime == "onnxruntime" else "sklearn",
-        "inputs": [{"name": "input-0", "datatype": "FP64", "shape": [-1, predictor.n_features]}],
+        "inputs": _inputs(predictor),
         "outputs": outputs,
         "parameters": {
             "version": predictor.version,
@@ -103,6 +105,23 @@ def metadata(predictor: Predictor, versions: Sequence[str]) -> dict[str, Any]:
             "runtime_reason": predictor.runtime_reason,
         },
     }
+
+
+def _inputs(predictor: Predictor) -> list[dict[str, Any]]:
+    """One named input per column for a typed model (its datatype, and its categories where
+    they are a closed set); one [-1, n_features] FP64 tensor otherwise."""
+    if not predictor.typed:
+        return [{"name": "input-0", "datatype": "FP64", "shape": [-1, predictor.n_features]}]
+    described = []
+    for column in predictor.schema.columns:
+        parameters: dict[str, Any] = {"kind": column.kind, "nullable": column.nullable}
+        if column.dtype is not None:
+            parameters["dtype"] = column.dtype
+        if column.categories is not None:
+            parameters["categories"] = list(column.categories)
+            parameters["unknown_categories"] = column.unknown_categories
+        described.append({"name": column.name, "datatype": column.v2_datatype, "shape": [-1], "parameters": parameters})
+    return described
 
 
 def _label_datatype(classes: list[Any] | None) -> str:

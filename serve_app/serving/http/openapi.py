@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from serve_app.model.schema import Column, InputSchema
 from serve_app.serving.http.monitoring import openapi_paths as monitoring_openapi_paths
 
 NUMBER_ROWS = {"type": "array", "minItems": 1, "items": {"type": "array", "minItems": 1, "items": {"type": "number"}}}
@@ -14,6 +15,30 @@ ERROR = {
     "properties": {"error": {"type": "string", "description": "What was wrong and what is expected."}},
 }
 V2_DATATYPES = ["UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"]
+JSON_TYPES = {"number": "number", "integer": "integer", "boolean": "boolean", "string": "string"}
+
+
+def column_schema(column: Column) -> dict[str, Any]:
+    """One column of a record, as JSON Schema: its type, null where allowed, and the known
+    categories where an unknown one is refused."""
+    schema: dict[str, Any] = {"type": JSON_TYPES[column.kind]}
+    if column.nullable:
+        schema["nullable"] = True
+    if column.categories is not None:
+        if column.unknown_categories == "refused":
+            schema["enum"] = [*column.categories, *([None] if column.nullable else [])]
+        else:
+            schema["description"] = "seen in training: " + ", ".join(column.categories) + " (others are accepted)"
+    return schema
+
+
+def record_schema(schema: InputSchema) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": schema.names,
+        "additionalProperties": False,
+        "properties": {column.name: column_schema(column) for column in schema.columns},
+    }
 
 
 def _json(schema: dict[str, Any]) -> dict[str, Any]:
@@ -68,14 +93,17 @@ def _with(params: list[dict[str, Any]], item: dict[str, Any]) -> dict[str, Any]:
     return {"parameters": params, **item}
 
 
-def openapi_document(model: str) -> dict[str, Any]:
+def openapi_document(model: str, schema: InputSchema | None = None) -> dict[str, Any]:
+    """The document for the model the replica serves by default: with `schema` of named,
+    typed columns, requests are records of those columns (and V2 one input per column)."""
+    typed = schema is not None and not schema.all_numeric
     v2_tensor_in = {
         "type": "object",
         "required": ["name", "shape", "datatype"],
         "properties": {
             "name": {"type": "string"},
             "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-            "datatype": {"type": "string", "enum": V2_DATATYPES},
+            "datatype": {"type": "string", "enum": V2_DATATYPES + (["BOOL", "BYTES"] if typed else [])},
             "data": {"type": "array"},
             "parameters": {"type": "object"},
         },
@@ -85,7 +113,8 @@ def openapi_document(model: str) -> dict[str, Any]:
         "required": ["inputs"],
         "properties": {
             "id": {"type": "string"},
-            "inputs": {"type": "array", "minItems": 1, "maxItems": 1, "items": {"$ref": "#/components/schemas/V2Tensor"}},
+            "inputs": {"type": "array", "minItems": 1, "maxItems": len(schema.columns) if typed and schema else 1,
+                       "items": {"$ref": "#/components/schemas/V2Tensor"}},
             "outputs": {
                 "type": "array",
                 "items": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string", "enum": ["predict", "predict_proba"]}, "parameters": {"type": "object"}}},
@@ -123,7 +152,18 @@ def openapi_document(model: str) -> dict[str, Any]:
             "version": {"type": "string"},
         },
     }
-    v1_request = {"type": "object", "required": ["instances"], "properties": {"instances": NUMBER_ROWS}}
+    v1_request: dict[str, Any] = {"type": "object", "required": ["instances"], "properties": {"instances": NUMBER_ROWS}}
+    components: dict[str, Any] = {}
+    if typed and schema is not None:
+        record = {"$ref": "#/components/schemas/Record"}
+        components["Record"] = record_schema(schema)
+        predict_request["properties"] = {"features": {"oneOf": [record, {"type": "array", "minItems": 1, "items": record}]}}
+        columnar = {"type": "object", "required": schema.names, "additionalProperties": False,
+                    "properties": {c.name: {"type": "array", "minItems": 1, "items": column_schema(c)} for c in schema.columns}}
+        v1_request = {"type": "object", "oneOf": [
+            {"required": ["instances"], "properties": {"instances": {"type": "array", "minItems": 1, "items": record}}},
+            {"required": ["inputs"], "properties": {"inputs": columnar}},
+        ]}
     v1_response = {"type": "object", "required": ["predictions"], "properties": {"predictions": {"type": "array", "items": LABEL}, "model_name": {"type": "string"}, "model_version": {"type": "string"}}}
     infer = _post("Infer (Open Inference Protocol V2)", {"$ref": "#/components/schemas/V2Request"}, {"$ref": "#/components/schemas/V2Response"}, 400, 401, 404, 413, 415, 422, 503, binary=True)
     return {
@@ -166,6 +206,7 @@ def openapi_document(model: str) -> dict[str, Any]:
                 "V2Request": v2_request,
                 "V2Response": v2_response,
                 "V2Model": v2_model,
+                **components,
             }
         },
     }

@@ -1,4 +1,7 @@
-"""serve_app's `/predict` JSON API: `{"features": row or rows}` in, labels out."""
+"""serve_app's `/predict` JSON API: `{"features": row or rows}` in, labels out.
+
+A model with named, typed columns takes records instead: `{"features": {"col": value}}`
+or a list of them (`protocol/columns.py` checks each column)."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from serve_app.model.predictor import PREDICT
-from serve_app.protocol import predict_api
+from serve_app.protocol import columns, predict_api
 from serve_app.serving.http.endpoint import (
     VERSION_HEADER, Endpoint, InferenceBackend, answered_by, json_body, json_response, sticky_key,
 )
@@ -19,9 +22,12 @@ def endpoints(backend: InferenceBackend) -> list[Endpoint]:
     limit = backend.settings.max_body_bytes
 
     async def predict(request: Request, record: RequestRecord) -> Response:
-        decoded = predict_api.decode_request(await json_body(request, limit))
+        body = await json_body(request, limit)
         predictor = await backend.versions.resolve(request.headers.get(VERSION_HEADER), None, sticky_key(backend, request))
-        result = await backend.infer_with(predictor, decoded.rows, (PREDICT,), record)
+        # The version that answers decides the format: its columns, or the numeric fast path.
+        decoded = columns.decode_predict(body, predictor.schema) if predictor.typed else predict_api.decode_request(body)
+        rows = decoded.table if isinstance(decoded, columns.NamedPredictRequest) else decoded.rows
+        result = await backend.infer_with(predictor, rows, (PREDICT,), record)
         labels = result.outputs[PREDICT].tolist()
         payload: dict[str, Any] = {"prediction": labels[0]} if decoded.single else {"predictions": labels}
         payload["model"] = result.model

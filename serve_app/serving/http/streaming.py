@@ -1,6 +1,7 @@
 """`POST /predict/stream`: NDJSON rows in, NDJSON predictions out, as they are computed.
 
-The body is one row per line (serve_app/protocol/ndjson.py), chunked or not. Each answer
+The body is one row per line (serve_app/protocol/ndjson.py), chunked or not; for a model with
+named, typed columns, one record `{"col": value, ...}` per line. Each answer
 is one line per input line, in order: `{"prediction": 0}`, or `{"error": "...", "line": 7}`
 for a line that cannot be predicted (the stream goes on). Whatever complete lines have
 arrived are predicted at once (one batched call), without waiting for more, so each answer
@@ -22,8 +23,8 @@ from starlette.types import Receive, Scope, Send
 
 from serve_app.errors import ServeAppError
 from serve_app.model.predictor import PREDICT, Predictor
-from serve_app.protocol import ndjson
-from serve_app.protocol.json import dumps
+from serve_app.protocol import columns, ndjson
+from serve_app.protocol.json import dumps, loads
 from serve_app.serving.http.endpoint import VERSION_HEADER, Endpoint, InferenceBackend, answered_by
 from serve_app.serving.ledger import RequestRecord
 
@@ -48,22 +49,29 @@ async def predict_lines(
 ) -> bytes:
     """NDJSON answers for `lines`: the good ones predicted in one batched call."""
     answers: list[Any] = [None] * len(lines)
-    rows: list[np.ndarray] = []
+    rows: list[Any] = []
     where: list[int] = []
     for index, line in enumerate(lines):
         if not line.strip():
             answers[index] = b""  # blank lines (keep-alives) get no answer
             continue
         try:
-            rows.append(ndjson.decode_line(line, predictor.n_features))
+            rows.append(_decode_line(line, predictor, first_line + index))
             where.append(index)
         except ServeAppError as exc:
             answers[index] = {"error": exc.message, "line": first_line + index}
     if rows:
-        result = await backend.infer_with(predictor, np.concatenate(rows), (PREDICT,), record)
+        joined = columns.concat(rows) if predictor.typed else np.concatenate(rows)
+        result = await backend.infer_with(predictor, joined, (PREDICT,), record)
         for index, label in zip(where, result.outputs[PREDICT].tolist()):
             answers[index] = {"prediction": label}
     return b"".join(a if isinstance(a, bytes) else dumps(a) + b"\n" for a in answers)
+
+
+def _decode_line(line: bytes, predictor: Predictor, number: int) -> Any:
+    if predictor.typed:  # one record per line, every column checked
+        return columns.decode_records([loads(line)], predictor.schema, f"line {number}", single=True)
+    return ndjson.decode_line(line, predictor.n_features)
 
 
 async def stream_predictions(
