@@ -22,8 +22,9 @@ train: $(STAMP)
 	$(BIN)/serve-app train
 
 # Trains the default model if the store is empty, then serves in the foreground.
+# MODEL=NAME serves that stored model instead of the config's (e.g. make run MODEL=churn).
 run: $(STAMP)
-	$(BIN)/serve-app run --config $(CONFIG)
+	$(BIN)/serve-app run --config $(CONFIG)$(if $(MODEL), --model $(MODEL))
 
 # The layer contracts in pyproject.toml ([tool.importlinter]) and the type checker.
 check: $(STAMP)

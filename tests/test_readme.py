@@ -51,11 +51,17 @@ def copy_of_repo(destination: Path) -> Path:
     return destination
 
 
-class MakeRun:
-    """`make run` in the foreground of its own process group, stopped like Ctrl-C."""
+IRIS_PROBE = ("/predict", {"features": [5.1, 3.5, 1.4, 0.2]})
 
-    def __init__(self, repo: Path) -> None:
+
+class MakeRun:
+    """`make run` in the foreground of its own process group, stopped like Ctrl-C; serving once
+    `probe` (path, JSON body) is answered 200. `make_args` follow `run` (`MODEL=churn`)."""
+
+    def __init__(self, repo: Path, make_args: tuple[str, ...] = (), probe: tuple[str, Any] = IRIS_PROBE) -> None:
         self.repo = repo
+        self.make_args = make_args
+        self.probe = probe
         self.log = repo / f"make-run-{time.monotonic_ns()}.log"
         self.seen: set[processes.Process] = set()
 
@@ -64,7 +70,7 @@ class MakeRun:
         env = user_env()
         self.proc = subprocess.Popen(
             # -o: the copy shares this checkout's .venv, which must keep pointing here.
-            ["make", "-o", ".venv/.installed", "run"], cwd=self.repo, env=env, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, start_new_session=True
+            ["make", "-o", ".venv/.installed", "run", *self.make_args], cwd=self.repo, env=env, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, start_new_session=True
         )
 
         deadline = time.monotonic() + 240
@@ -73,7 +79,7 @@ class MakeRun:
             if self.proc.poll() is not None:
                 raise AssertionError(f"make run exited early:\n{self.log.read_text()[-3000:]}")
             try:
-                reply = httpx.post(f"http://127.0.0.1:{PORT}/predict", json={"features": [5.1, 3.5, 1.4, 0.2]}, timeout=5)
+                reply = httpx.post(f"http://127.0.0.1:{PORT}{self.probe[0]}", json=self.probe[1], timeout=5)
                 if reply.status_code == 200:
                     self.first_answer = reply.json()
                     self.seen |= processes.descendants(self.proc.pid)

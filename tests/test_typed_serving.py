@@ -257,3 +257,24 @@ def test_a_typed_model_refuses_a_matrix_saying_what_it_takes(churn: Any) -> None
     assert predictor.typed
     with pytest.raises(InvalidInput, match="takes named columns"):
         predictor.validate([[1.0, 2.0]])
+
+
+def test_an_all_numeric_model_takes_one_named_input_per_feature(tmp_path: Path) -> None:
+    from sklearn.datasets import load_iris
+
+    from serve_app.model.training import save_fitted
+
+    iris = load_iris()
+    model = LogisticRegression(max_iter=500).fit(iris.data, iris.target)
+    store = ModelStore(tmp_path / "models")
+    names = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+    save_fitted(store, model, name="iris", feature_names=names, compile=False)
+    inputs = [{"name": n, "datatype": "FP64", "shape": [3], "data": iris.data[[0, 60, 120], i].tolist()} for i, n in enumerate(names)]
+    with TestClient(build_http_app(replica(store.root, "iris")), raise_server_exceptions=False) as iris_client:
+        reply = iris_client.post("/v2/models/iris/infer", json={"inputs": inputs, "outputs": [{"name": "predict"}]})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["outputs"][0]["data"] == model.predict(iris.data[[0, 60, 120]]).tolist()
+        wrong = iris_client.post("/v2/models/iris/infer", json={"inputs": [{**inputs[0], "datatype": "BYTES"}, *inputs[1:]]})
+        assert wrong.status_code == 422 and "sepal_length" in wrong.json()["error"], wrong.text
+        two_tensors = iris_client.post("/v2/models/iris/infer", json={"inputs": [{"name": "a", "datatype": "FP64", "shape": [1, 4], "data": [1, 2, 3, 4]}] * 2})
+        assert two_tensors.status_code == 422 and "exactly one tensor" in two_tensors.json()["error"], two_tensors.text

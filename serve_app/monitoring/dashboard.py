@@ -1,7 +1,8 @@
 """The monitoring summary drawn for people: `GET /dashboard` and `serve-app report` both use it.
 
 `render_html` is one self-contained page (key figures, the plots embedded as a PNG, drift
-per feature); `render_png` the plots alone: throughput, latency percentiles, class mix,
+per feature, and for categorical columns their top categories' share in training and in
+recent traffic); `render_png` the plots alone: throughput, latency percentiles, class mix,
 drift per feature and live accuracy. The summary is what `GET /v2/models/{name}/monitoring`
 answers. matplotlib is imported only when a figure is drawn, so a replica that never serves
 /dashboard never loads it.
@@ -70,7 +71,9 @@ def figure(summary: Mapping[str, Any]) -> Any:
         names = list(scored["features"])
         values = [scored["features"][n]["psi"] for n in names]
         colours = [STATUS_COLOURS[scored["features"][n]["status"]] for n in names]
-        ax.barh(names, values, color=colours)
+        # PSI means the same for both kinds (same thresholds); the label says which it is.
+        labels = [f"{n} (categories)" if scored["features"][n].get("kind") == "categorical" else n for n in names]
+        ax.barh(labels, values, color=colours)
         for level, style in (("psi_warning", ":"), ("psi_drift", "--")):
             if level in thresholds:
                 ax.axvline(thresholds[level], color="black", linestyle=style, label=level)
@@ -112,14 +115,28 @@ def render_html(summary: Mapping[str, Any], source: str = "") -> str:
     png = base64.b64encode(render_png(summary)).decode("ascii")
     latency = summary.get("latency_ms") or {}
     drift = summary.get("drift") or {}
-    rows = []
+    typed = any("kind" in f for scored in (drift.get("versions") or {}).values() for f in scored["features"].values())
+    rows, category_rows = [], []
     for version, scored in sorted((drift.get("versions") or {}).items()):
         for feature, f in scored["features"].items():
             colour = STATUS_COLOURS[f["status"]]
+            ks = f"{f['ks']:.4f}" if "ks" in f else "-"
+            extra = (
+                f"<td>{html.escape(f.get('kind', ''))}</td><td>{_share(f.get('unseen_share'))}</td><td>{_share(f.get('null_share'))}</td>"
+                if typed else ""
+            )
             rows.append(
                 f"<tr><td>v{html.escape(version)}</td><td>{html.escape(feature)}</td><td>{f['psi']:.4f}</td>"
-                f"<td>{f['ks']:.4f}</td><td style='color:{colour};font-weight:bold'>{f['status']}</td></tr>"
+                f"<td>{ks}</td>{extra}<td style='color:{colour};font-weight:bold'>{f['status']}</td></tr>"
             )
+            category_rows.extend(_category_rows(version, feature, f))
+    header = "<th>kind</th><th>unseen</th><th>nulls</th>" if typed else ""
+    width = 8 if typed else 5
+    categories = (
+        "<h2>Categorical columns: training vs recent share</h2>\n<table><tr><th>version</th><th>column</th><th>category</th>"
+        f"<th>training</th><th>recent</th><th></th></tr>{''.join(category_rows)}</table>"
+        if category_rows else ""
+    )
     series = summary.get("series") or []
     recent = series[-1]["requests_per_s"] if series else 0.0
 
@@ -140,6 +157,28 @@ td,th{{border:1px solid #ccc;padding:4px 10px;text-align:left}} .kpi{{display:in
 <span class="kpi">drift: <b style="color:{STATUS_COLOURS.get(drift.get('status', 'ok'), '#222')}">{drift.get('status', '-')}</b></span></div>
 <img alt="throughput, latency, class mix, drift, accuracy" src="data:image/png;base64,{png}">
 <h2>Drift per feature</h2>
-<table><tr><th>version</th><th>feature</th><th>PSI</th><th>KS</th><th>status</th></tr>{''.join(rows) or '<tr><td colspan=5>no rows yet</td></tr>'}</table>
+<table><tr><th>version</th><th>feature</th><th>PSI</th><th>KS</th>{header}<th>status</th></tr>{''.join(rows) or f'<tr><td colspan={width}>no rows yet</td></tr>'}</table>
+{categories}
 </body></html>
 """
+
+
+def _share(value: Any) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _category_rows(version: str, feature: str, scored: Mapping[str, Any]) -> list[str]:
+    """One row per bin of a categorical column, with the two shares drawn as bars."""
+    rows = []
+    for entry in scored.get("categories") or ():
+        if not entry["training"] and not entry["live"]:
+            continue  # an empty "other" or "unseen" bin says nothing
+        bars = "".join(
+            f"<div style='background:{colour};height:6px;width:{200 * entry[key]:.0f}px;margin:1px 0'></div>"
+            for key, colour in (("training", "#9e9e9e"), ("live", "#1565c0"))
+        )
+        rows.append(
+            f"<tr><td>v{html.escape(version)}</td><td>{html.escape(feature)}</td><td>{html.escape(entry['category'])}</td>"
+            f"<td>{_share(entry['training'])}</td><td>{_share(entry['live'])}</td><td>{bars}</td></tr>"
+        )
+    return rows

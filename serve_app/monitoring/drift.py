@@ -13,13 +13,18 @@ the training sample points, where the supremum of two step functions is reached.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Iterable, Literal, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Literal, Mapping, Sequence, Union
 
 import numpy as np
 
 from serve_app.model.manifest import Manifest
 from serve_app.model.schema import CategoryStats, category_key
+from serve_app.protocol.columns import ColumnTable
+
+# What the ledger hands the monitor as a prediction's inputs: the float64 matrix of an
+# all-numeric model, or the validated columns of a model with typed columns.
+Inputs = Union[np.ndarray, ColumnTable]
 
 Status = Literal["ok", "warning", "drift", "insufficient_data"]
 _SEVERITY = {"ok": 0, "warning": 1, "drift": 2}
@@ -58,32 +63,96 @@ class FeatureReference:
 
 @dataclass(frozen=True)
 class DriftReference:
-    """What one model version's inputs are compared with (from its manifest)."""
+    """What one model version's inputs are compared with (from its manifest).
+
+    `features` are the numeric columns (every feature of an all-numeric model), `categories`
+    the string and boolean ones of a typed model; `columns` is both in schema order, the
+    order drift is reported in. A window row holds the numeric values, then the categories'
+    bin indices (NaN for a null)."""
 
     model: str
     version: str
     features: tuple[str, ...]
     per_feature: tuple[FeatureReference, ...]
+    categories: tuple[str, ...] = ()
+    per_category: tuple["CategoryReference", ...] = ()
+    typed: bool = False  # requests come as a ColumnTable (not the float64 matrix)
+    columns: tuple[str, ...] = ()
+
+    @property
+    def width(self) -> int:
+        """Values per window row."""
+        return len(self.features) + len(self.categories)
 
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> "DriftReference | None":
+        if manifest.typed:
+            return cls._typed(manifest)
         if not manifest.training_stats or any(f not in manifest.training_stats for f in manifest.feature_names):
             return None  # a model stored without reference data: nothing to compare with
-        refs = []
-        for name in manifest.feature_names:
-            stats = manifest.training_stats[name]
-            sample = np.asarray(stats.sample, dtype=np.float64)
-            n = len(sample)
-            refs.append(
-                FeatureReference(
-                    inner_edges=np.asarray(stats.bin_edges[1:-1], dtype=np.float64),
-                    fractions=np.asarray(stats.bin_fractions, dtype=np.float64),
-                    sample=sample,
-                    cdf_lt=np.searchsorted(sample, sample, side="left") / n,
-                    cdf_le=np.searchsorted(sample, sample, side="right") / n,
-                )
-            )
-        return cls(manifest.name, manifest.version, tuple(manifest.feature_names), tuple(refs))
+        refs = [_feature_reference(manifest, name) for name in manifest.feature_names]
+        names = tuple(manifest.feature_names)
+        return cls(manifest.name, manifest.version, names, tuple(refs), columns=names)
+
+    @classmethod
+    def _typed(cls, manifest: Manifest) -> "DriftReference | None":
+        # A column without statistics (a numeric one that was all null in the sample) is not
+        # monitored; the others still are.
+        features, categories, columns = [], [], []
+        for column in manifest.schema.columns:
+            if column.kind in ("number", "integer") and column.name in manifest.training_stats:
+                features.append(column.name)
+            elif column.kind in ("string", "boolean") and column.name in manifest.category_stats:
+                categories.append(column.name)
+            else:
+                continue
+            columns.append(column.name)
+        if not columns:
+            return None
+        return cls(
+            manifest.name, manifest.version,
+            tuple(features), tuple(_feature_reference(manifest, name) for name in features),
+            tuple(categories), tuple(CategoryReference.from_stats(manifest.category_stats[name]) for name in categories),
+            typed=True, columns=tuple(columns),
+        )
+
+    def window_rows(self, inputs: Inputs) -> np.ndarray:
+        """`inputs` as rows of this reference's window: the matrix itself for an all-numeric
+        model; for a ColumnTable the numeric columns as float64 (NaN for null), then each
+        categorical column's bin indices."""
+        if not isinstance(inputs, ColumnTable):
+            if self.categories or len(self.features) != inputs.shape[1]:
+                raise TypeError(f"{self.model} v{self.version} has typed columns: its inputs must be a ColumnTable")
+            return inputs
+        rows = np.empty((inputs.n_rows, self.width), dtype=np.float64)
+        for i, name in enumerate(self.features):
+            rows[:, i] = _as_float(inputs.columns[name])
+        for j, (name, ref) in enumerate(zip(self.categories, self.per_category)):
+            rows[:, len(self.features) + j] = ref.codes(inputs.columns[name])
+        return rows
+
+
+def _feature_reference(manifest: Manifest, name: str) -> FeatureReference:
+    stats = manifest.training_stats[name]
+    sample = np.asarray(stats.sample, dtype=np.float64)
+    n = len(sample)
+    return FeatureReference(
+        inner_edges=np.asarray(stats.bin_edges[1:-1], dtype=np.float64),
+        fractions=np.asarray(stats.bin_fractions, dtype=np.float64),
+        sample=sample,
+        cdf_lt=np.searchsorted(sample, sample, side="left") / n,
+        cdf_le=np.searchsorted(sample, sample, side="right") / n,
+    )
+
+
+def _as_float(values: np.ndarray) -> np.ndarray:
+    """A number or integer column as float64, NaN for null (nullable integers are objects)."""
+    if values.dtype != object:
+        return values.astype(np.float64, copy=False)
+    missing = np.fromiter((v is None for v in values.tolist()), dtype=bool, count=len(values))
+    out = np.full(len(values), np.nan)
+    out[~missing] = values[~missing].astype(np.float64)
+    return out
 
 
 @dataclass
@@ -91,19 +160,35 @@ class WindowCounts:
     """Additive summary of a window of rows (one replica's, or the sum of several)."""
 
     rows: int
-    bins: list[np.ndarray]  # per feature: rows per training bin
+    bins: list[np.ndarray]  # per feature: non-null rows per training bin
     lt: list[np.ndarray]  # per feature: rows strictly below each sample point
     le: list[np.ndarray]  # per feature: rows at or below each sample point
+    nulls: list[int] = field(default_factory=list)  # per feature: null rows (typed models)
+    categories: list["CategoryCounts"] = field(default_factory=list)  # per categorical column
 
     @classmethod
     def of(cls, reference: DriftReference, window: np.ndarray) -> "WindowCounts":
-        bins, lt, le = [], [], []
-        for column, ref in zip(window.T, reference.per_feature):
+        bins, lt, le, nulls = [], [], [], []
+        n_features = len(reference.per_feature)
+        for column, ref in zip(window.T[:n_features], reference.per_feature):
+            missing = np.isnan(column)
+            null_count = int(missing.sum())
+            if null_count:
+                column = column[~missing]
             ordered = np.sort(column)
             bins.append(np.bincount(np.searchsorted(ref.inner_edges, column, side="right"), minlength=len(ref.fractions)))
             lt.append(np.searchsorted(ordered, ref.sample, side="left"))
             le.append(np.searchsorted(ordered, ref.sample, side="right"))
-        return cls(len(window), bins, lt, le)
+            nulls.append(null_count)
+        categories = []
+        for codes, cat in zip(window.T[n_features:], reference.per_category):
+            missing = np.isnan(codes)
+            counts = np.bincount(codes[~missing].astype(np.intp), minlength=len(cat.bins))
+            categories.append(CategoryCounts(len(codes), int(missing.sum()), counts))
+        return cls(len(window), bins, lt, le, nulls, categories)
+
+    def feature_nulls(self, i: int) -> int:
+        return self.nulls[i] if i < len(self.nulls) else 0
 
     def __add__(self, other: "WindowCounts") -> "WindowCounts":
         return WindowCounts(
@@ -111,14 +196,23 @@ class WindowCounts:
             [a + b for a, b in zip(self.bins, other.bins)],
             [a + b for a, b in zip(self.lt, other.lt)],
             [a + b for a, b in zip(self.le, other.le)],
+            [self.feature_nulls(i) + other.feature_nulls(i) for i in range(len(self.bins))],
+            [a + b for a, b in zip(self.categories, other.categories)],
         )
 
     def to_wire(self) -> dict[str, Any]:
-        return {"rows": self.rows, "bins": self.bins, "lt": self.lt, "le": self.le}
+        return {
+            "rows": self.rows, "bins": self.bins, "lt": self.lt, "le": self.le,
+            "nulls": self.nulls, "categories": [c.to_wire() for c in self.categories],
+        }
 
     @classmethod
     def from_wire(cls, data: Mapping[str, Any]) -> "WindowCounts":
-        return cls(int(data["rows"]), list(data["bins"]), list(data["lt"]), list(data["le"]))
+        return cls(
+            int(data["rows"]), list(data["bins"]), list(data["lt"]), list(data["le"]),
+            [int(n) for n in data.get("nulls", ())],
+            [CategoryCounts.from_wire(c) for c in data.get("categories", ())],
+        )
 
 
 def psi(expected: np.ndarray, actual: np.ndarray) -> float:
@@ -145,24 +239,37 @@ def worst(statuses: Sequence[Status]) -> Status:
 
 
 def score(reference: DriftReference, counts: WindowCounts, thresholds: Thresholds) -> dict[str, Any]:
-    """PSI, KS and a status per feature for the rows summarised by `counts`."""
-    features: dict[str, Any] = {}
-    for name, ref, bins, lt, le in zip(reference.features, reference.per_feature, counts.bins, counts.lt, counts.le):
-        if counts.rows == 0:
+    """PSI, KS and a status per feature for the rows summarised by `counts`; for a typed
+    model, per column in schema order, categorical ones scored by `score_category`."""
+    results: dict[str, Any] = {}
+    for i, (name, ref, bins, lt, le) in enumerate(zip(reference.features, reference.per_feature, counts.bins, counts.lt, counts.le)):
+        nulls = counts.feature_nulls(i)
+        present = counts.rows - nulls
+        if present == 0:
             psi_value = ks_value = 0.0
         else:
-            psi_value = psi(ref.fractions, np.asarray(bins) / counts.rows)
+            psi_value = psi(ref.fractions, np.asarray(bins) / present)
             ks_value = float(
                 max(
-                    np.max(np.abs(np.asarray(lt) / counts.rows - ref.cdf_lt)),
-                    np.max(np.abs(np.asarray(le) / counts.rows - ref.cdf_le)),
+                    np.max(np.abs(np.asarray(lt) / present - ref.cdf_lt)),
+                    np.max(np.abs(np.asarray(le) / present - ref.cdf_le)),
                 )
             )
-        features[name] = {
+        results[name] = {
             "psi": round(psi_value, 6),
             "ks": round(ks_value, 6),
-            "status": feature_status(psi_value, ks_value, counts.rows, thresholds),
+            "status": feature_status(psi_value, ks_value, present, thresholds),
         }
+        if reference.typed:
+            results[name]["kind"] = "numeric"
+            results[name]["null_share"] = round(nulls / counts.rows, 6) if counts.rows else 0.0
+    for name, cat, cat_counts in zip(reference.categories, reference.per_category, counts.categories):
+        results[name] = {
+            "kind": "categorical",
+            **score_category(cat, cat_counts, thresholds),
+            "categories": category_shares(cat, cat_counts),
+        }
+    features = {name: results[name] for name in reference.columns if name in results}
     return {
         "model": reference.model,
         "version": reference.version,
@@ -236,6 +343,20 @@ class CategoryReference:
             fractions[bin_] += fraction
         return cls((*named, OTHER_BIN, UNSEEN_BIN), index, fractions, stats.null_share)
 
+    def codes(self, values: np.ndarray) -> np.ndarray:
+        """Each value's bin index as a float (NaN for a null): how a window stores the column."""
+        unseen = len(self.bins) - 1
+        if values.dtype == np.bool_:
+            return np.where(values, float(self.index.get("true", unseen)), float(self.index.get("false", unseen)))
+        index, nan = self.index, float("nan")
+
+        def code(value: Any) -> float:
+            if value is None or (isinstance(value, float) and value != value):
+                return nan
+            return index.get(category_key(value), unseen)
+
+        return np.fromiter((code(v) for v in values.tolist()), dtype=np.float64, count=len(values))
+
 
 @dataclass
 class CategoryCounts:
@@ -295,3 +416,14 @@ def score_category(reference: CategoryReference, counts: CategoryCounts, thresho
         "training_null_share": round(reference.null_share, 6),
         "status": feature_status(psi_value, 0.0, seen, thresholds),
     }
+
+
+def category_shares(reference: CategoryReference, counts: CategoryCounts) -> list[dict[str, Any]]:
+    """Per bin (the training's top categories, then other and unseen), its share of the
+    training's and of the window's non-null values: what the dashboard draws."""
+    seen = counts.rows - counts.nulls
+    live = counts.bins / seen if seen else np.zeros(len(reference.bins))
+    return [
+        {"category": name, "training": round(float(expected), 6), "live": round(float(actual), 6)}
+        for name, expected, actual in zip(reference.bins, reference.fractions, live)
+    ]

@@ -8,8 +8,9 @@ sends this actor (fire-and-forget, batched) what happened since the last send:
 - join records `(request_id, model, version, labels)` for every prediction, kept in a
   bounded LRU so `POST /feedback` on any replica can score them (feedback that arrives
   before its prediction's batch waits here, bounded and for `PENDING_TTL_S`);
-- each replica's drift window summary (additive counts, see drift.py), replaced on
-  every update and forgotten when the replica stops sending them;
+- each replica's drift window summary (additive counts, see drift.py: numeric bins and
+  categorical counts alike), replaced on every update and forgotten when the replica stops
+  sending them;
 - traffic: request counts, a latency histogram and predicted classes (derived from the
   replica's request records, serving/ledger.py), kept in time buckets for
   `/v2/models/{name}/monitoring` and `serve-app report`.
@@ -315,7 +316,12 @@ class MonitorHub:
             for feature, result in scored["features"].items():
                 feature_tags = {**tags, "feature": feature}
                 gauges[m.DRIFT_PSI].set(result["psi"], tags=feature_tags)
-                gauges[m.DRIFT_KS].set(result["ks"], tags=feature_tags)
+                if "ks" in result:  # categorical columns have none
+                    gauges[m.DRIFT_KS].set(result["ks"], tags=feature_tags)
+                if "unseen_share" in result:
+                    gauges[m.DRIFT_UNSEEN].set(result["unseen_share"], tags=feature_tags)
+                if "null_share" in result:
+                    gauges[m.DRIFT_NULLS].set(result["null_share"], tags=feature_tags)
                 gauges[m.DRIFT_STATUS].set(m.DRIFT_STATUS_VALUES[result["status"]], tags=feature_tags)
 
     # ---- everything, for /v2/models/{name}/monitoring and `serve-app report` ---------

@@ -5,6 +5,9 @@ They are exported on each node's Ray metrics port next to Ray Serve's own (scrap
 name with `ray_` and counters get `_total`, so `serve_app_requests` is scraped as
 `ray_serve_app_requests_total`. Replica metrics also carry Ray Serve's `application`,
 `deployment` and `replica` tags; the hub's (drift, accuracy) are one series per model.
+For models with typed columns, the drift gauges have one series per monitored column, numeric
+or categorical (`feature` is the column name; categorical columns have no KS), plus the
+share of unseen categories (categorical) and of nulls (every typed column).
 
 Metric objects are created once per process (Ray registers a name once) and recorded
 from the monitor thread, never per request on the event loop: the replica's metrics are
@@ -30,6 +33,8 @@ DRIFT_PSI = "serve_app_drift_psi"
 DRIFT_KS = "serve_app_drift_ks"
 DRIFT_STATUS = "serve_app_drift_status"
 DRIFT_ROWS = "serve_app_drift_window_rows"
+DRIFT_UNSEEN = "serve_app_drift_unseen_share"
+DRIFT_NULLS = "serve_app_drift_null_share"
 ACCURACY = "serve_app_live_accuracy"
 ACCURACY_LABELS = "serve_app_live_accuracy_labels"
 FEEDBACK = "serve_app_feedback"
@@ -67,9 +72,11 @@ def hub_metrics() -> dict[str, Any]:
     Counter, Gauge = ray_metrics.Counter, ray_metrics.Gauge
     tags = ("app", "model", "version")
     return {
-        DRIFT_PSI: Gauge(DRIFT_PSI, description="Population stability index of recent inputs vs training, per feature.", tag_keys=(*tags, "feature")),
+        DRIFT_PSI: Gauge(DRIFT_PSI, description="Population stability index of recent inputs vs training, per feature (numeric: training deciles; categorical: top categories, other, unseen).", tag_keys=(*tags, "feature")),
         DRIFT_KS: Gauge(DRIFT_KS, description="Kolmogorov-Smirnov statistic of recent inputs vs the training sample, per feature.", tag_keys=(*tags, "feature")),
         DRIFT_STATUS: Gauge(DRIFT_STATUS, description="Drift status per feature: -1 too few rows, 0 ok, 1 warning, 2 drift.", tag_keys=(*tags, "feature")),
+        DRIFT_UNSEEN: Gauge(DRIFT_UNSEEN, description="Share of recent non-null values of a categorical column that are categories never seen in training.", tag_keys=(*tags, "feature")),
+        DRIFT_NULLS: Gauge(DRIFT_NULLS, description="Share of recent rows with a null in the column (models with typed columns).", tag_keys=(*tags, "feature")),
         DRIFT_ROWS: Gauge(DRIFT_ROWS, description="Rows in the drift windows of all replicas.", tag_keys=tags),
         ACCURACY: Gauge(ACCURACY, description="Accuracy of predictions over the last labelled rows (from /feedback).", tag_keys=tags),
         ACCURACY_LABELS: Gauge(ACCURACY_LABELS, description="Labelled rows in the live accuracy window.", tag_keys=tags),

@@ -8,7 +8,8 @@ deque and
 
 - records the Prometheus metrics (counters summed per flush, histograms per value),
 - writes sampled predictions to the prediction log,
-- adds the inputs to this replica's drift windows,
+- adds the inputs to this replica's drift windows (the float64 matrix of an all-numeric
+  model, or the `ColumnTable` of a model with typed columns: see drift.py),
 - sends the hub (see hub.py) an update: join records, window counts and traffic,
   fire-and-forget.
 
@@ -30,7 +31,7 @@ import numpy as np
 from serve_app.monitoring import metrics as m
 from serve_app.monitoring.drift import DriftReference, RowWindow, WindowCounts
 from serve_app.monitoring.hub import TRAFFIC_LATENCY_EDGES_MS, MonitorHub
-from serve_app.monitoring.predlog import PredictionLog, encode
+from serve_app.monitoring.predlog import PredictionLog, encode, logged_inputs
 from serve_app.model.predictor import PREDICT, PREDICT_PROBA, Predictor
 from serve_app.serving.ledger import ModelCall, Prediction, Record, RequestRecord
 from serve_app.settings import MonitoringSettings
@@ -225,7 +226,7 @@ class Monitor:
             if reference is None:
                 self._no_reference.add(key)
                 return None
-            found = self._windows[key] = (reference, RowWindow(self.settings.drift_window, predictor.n_features))
+            found = self._windows[key] = (reference, RowWindow(self.settings.drift_window, reference.width))
         return found
 
     def _cycle(self) -> None:
@@ -253,7 +254,11 @@ class Monitor:
                 version_key = (predictor.name, predictor.version)
                 window = self._window(predictor)
                 if window is not None:
-                    window[1].add(record.inputs)
+                    reference, rows = window
+                    try:
+                        rows.add(reference.window_rows(record.inputs))
+                    except (TypeError, ValueError, KeyError):  # inputs of the wrong form: say so, monitor the rest
+                        logger.exception("drift: inputs of %s v%s not added to the window", *version_key)
                 labels = _labels(predictor, record.outputs)
                 request_id = record.request.request_id
                 if labels is not None and predictor.manifest.task == "classification":
@@ -263,7 +268,7 @@ class Monitor:
                 if self.log is not None and (rate >= 1.0 or random.random() < rate):
                     lines.append(encode({
                         "ts": record.ts, "request_id": request_id, "model": version_key[0], "version": version_key[1],
-                        "inputs": record.inputs, "outputs": dict(record.outputs),
+                        "inputs": logged_inputs(record.inputs), "outputs": dict(record.outputs),
                         "latency_ms": round((record.at - record.request.started) * 1000.0, 3),
                     }))
             elif type(record) is ModelCall:

@@ -3,6 +3,10 @@
     {"ts": 1764103000.123, "request_id": "6f1c...", "model": "iris", "version": "1",
      "inputs": [[5.1, 3.5, 1.4, 0.2]], "outputs": {"predict": [0]}, "latency_ms": 0.41}
 
+A model with named, typed columns logs its rows as records, null as null:
+
+     "inputs": [{"tenure_months": 12, "contract": "two-year", "monthly_charges": null, ...}]
+
 Only the monitor thread writes (never the request path). The file is `predictions-
 <replica>.jsonl` under the configured directory; when it would pass `max_bytes` it becomes
 `.1.jsonl` (older ones shift up, the oldest past `backups` is deleted), so a directory
@@ -16,7 +20,10 @@ import re
 from pathlib import Path
 from typing import IO, Any, Iterable, Mapping
 
+import numpy as np
 import orjson
+
+from serve_app.protocol.columns import ColumnTable
 
 _OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -24,6 +31,20 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 def encode(record: Mapping[str, Any]) -> bytes:
     return orjson.dumps(record, option=_OPTIONS)
+
+
+def logged_inputs(inputs: np.ndarray | ColumnTable) -> Any:
+    """The matrix as it is (orjson writes numpy), or a ColumnTable as one record per row."""
+    if not isinstance(inputs, ColumnTable):
+        return inputs
+    names = inputs.schema.names
+    values = [_json_values(inputs.columns[name]) for name in names]
+    return [dict(zip(names, row)) for row in zip(*values)]
+
+
+def _json_values(column: np.ndarray) -> list[Any]:
+    # Nulls are NaN in number columns and None elsewhere; JSON has only null for both.
+    return [None if isinstance(v, float) and v != v else v for v in column.tolist()]
 
 
 class PredictionLog:

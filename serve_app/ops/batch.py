@@ -10,6 +10,14 @@ the same `Predictor` the server uses, and written; rows that cannot be predicted
 number of fields, not a number, empty, NaN or infinite) go to the error output with their
 row number, text and reason. No row is dropped: predictions + errors = input rows.
 
+A model with named, typed columns (manifest `input_schema`) reads its columns by name (a CSV
+needs a header naming them; other columns are ignored). CSV fields are read as text and
+given their column's kind: strings stay strings, an empty field is a null, `true`/`false`
+(`True`, `TRUE`, ...) are booleans, integers stay integers; Parquet columns are taken as
+stored. Each row is then checked like a request (`columns.column_array`): a wrong type, a
+forbidden null or an unknown category sends the row to the error output with a reason naming
+the column, and the other rows are predicted.
+
 Outputs are Parquet datasets (directories of part files, as Ray Data writes them):
 `<output>` has `row` (0-based data row, header excluded) and `prediction`; the error output
 (`<output>.errors` unless given) has `row`, `line` (1-based line in a CSV), `text`, `error`.
@@ -29,13 +37,21 @@ from typing import Any
 
 import numpy as np
 
-from serve_app.errors import ServeAppError
+from serve_app.errors import InvalidInput, ServeAppError
 from serve_app.model.predictor import Predictor
+from serve_app.model.schema import Column, InputSchema
 from serve_app.model.store import DEFAULT_ALIAS, ModelStore
+from serve_app.protocol.columns import ColumnTable, column_array
 
 CSV_SUFFIXES = (".csv", ".txt")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024
+# A typed chunk is checked and predicted this many rows at a time: its values become Python
+# objects while they are checked (tens of bytes each), so a slice bounds that, not the chunk.
+TYPED_SLICE_ROWS = 65536
+# CSV text a boolean column takes (pandas' read_csv reads the same); anything else is refused.
+CSV_TRUE = frozenset(("true", "True", "TRUE"))
+CSV_FALSE = frozenset(("false", "False", "FALSE"))
 
 
 class BatchError(ServeAppError):
@@ -138,6 +154,21 @@ def column_order(columns: list[str] | None, features: list[str], source: Path) -
     )
 
 
+def typed_column_order(columns: list[str] | None, names: list[str], source: Path) -> list[int] | None:
+    """Which input column holds each schema column: by name (a typed model's columns are
+    named; other columns are ignored). No header (every field of the first line a number):
+    the columns in the schema's order."""
+    if columns is None:
+        return None
+    missing = [name for name in names if name not in columns]
+    if missing:
+        raise BatchError(
+            f"{source} has columns {columns} but the model needs {names}; missing {missing}. "
+            "Name the columns like the model's (a CSV needs a header row)."
+        )
+    return [columns.index(name) for name in names]
+
+
 # ---- one chunk (a Ray task; also callable directly) ----------------------------------------
 
 _PREDICTORS: dict[tuple[str, str, str], Predictor] = {}
@@ -150,9 +181,12 @@ def _predictor(store: str, name: str, version: str) -> Predictor:
     return _PREDICTORS[key]
 
 
-def _read_csv_chunk(chunk: Chunk, n_columns: int) -> tuple[Any, np.ndarray, list[dict[str, Any]], bytes]:
-    """Arrow table of the chunk's well-formed rows (strings or doubles), their row numbers,
-    the rows Arrow refused (wrong number of fields), and the chunk's bytes."""
+def _read_csv_chunk(
+    chunk: Chunk, n_columns: int, *, as_text: bool = False
+) -> tuple[Any, np.ndarray, list[dict[str, Any]], bytes]:
+    """Arrow table of the chunk's well-formed rows (strings or doubles; with `as_text`,
+    strings with empty fields as nulls), their row numbers, the rows Arrow refused (wrong
+    number of fields), and the chunk's bytes."""
     import pyarrow as pa
     import pyarrow.csv as pa_csv
 
@@ -177,11 +211,13 @@ def _read_csv_chunk(chunk: Chunk, n_columns: int) -> tuple[Any, np.ndarray, list
     # Empty lines are rows too (reported, not skipped), so row numbers stay those of the file.
     parse = pa_csv.ParseOptions(invalid_row_handler=refuse, ignore_empty_lines=False)
     table = None
-    for column_type in (pa.float64(), pa.string()):  # strings only when some value is not a number
+    # Numbers: strings only when some value is not a number. Typed columns: always text,
+    # given their kinds per column afterwards (a bad value must not fail the whole chunk).
+    for column_type in (pa.string(),) if as_text else (pa.float64(), pa.string()):
         bad.clear()
         # Only an empty field is missing; "nan" stays NaN (and is reported as not finite).
         convert = pa_csv.ConvertOptions(
-            column_types={n: column_type for n in names}, null_values=[""], strings_can_be_null=False
+            column_types={n: column_type for n in names}, null_values=[""], strings_can_be_null=as_text
         )
         try:
             table = pa_csv.read_csv(io.BytesIO(data), read_options=read, parse_options=parse, convert_options=convert)
@@ -243,6 +279,90 @@ def _is_nan_text(value: Any) -> bool:
     return isinstance(value, str) and value.strip().lower() in ("nan", "+nan", "-nan")
 
 
+def _at_value(_: int) -> str:
+    return "the value"
+
+
+def csv_value(text: str | None, column: Column) -> Any:
+    """A CSV field (None: empty) as the Python value its column's kind reads it as; text
+    that is not of that kind stays text, which the column check then refuses by name."""
+    if text is None or column.kind == "string":
+        return text
+    if column.kind == "boolean":
+        return True if text.strip() in CSV_TRUE else False if text.strip() in CSV_FALSE else text
+    if column.kind == "integer":
+        try:
+            return int(text)
+        except ValueError:
+            pass  # "3.0" is a whole number too; "3.5" is refused as not one
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def column_values(values: Any, column: Column, *, from_text: bool) -> list[Any]:
+    """An Arrow column's values as Python values for `column_array`: CSV text (`from_text`)
+    given its column's kind (`csv_value`); Parquet values as stored (a string in a Parquet
+    integer column is refused, not parsed)."""
+    if from_text and column.kind != "string":
+        return [csv_value(text, column) for text in values.to_pylist()]
+    return list(values.to_pylist())
+
+
+def check_typed(
+    table: Any, order: list[int] | None, schema: InputSchema, *, from_text: bool
+) -> tuple[ColumnTable | None, np.ndarray, list[str | None]]:
+    """The rows that pass their columns' checks as a `ColumnTable`, which rows those are, and
+    for each other row the first column's reason (a 422's message: it names the column).
+
+    A column is checked whole; only a column with a bad value is checked value by value."""
+    n = table.num_rows
+    ok = np.ones(n, dtype=bool)
+    reasons: list[str | None] = [None] * n
+    values: dict[str, list[Any]] = {}
+    checked: dict[str, np.ndarray | None] = {}
+    for j, column in enumerate(schema.columns):
+        values[column.name] = column_values(table.column(order[j] if order is not None else j), column, from_text=from_text)
+        try:
+            checked[column.name] = column_array(column, values[column.name], _at_value)
+        except InvalidInput:
+            checked[column.name] = None
+            for i, value in enumerate(values[column.name]):
+                try:
+                    column_array(column, [value], _at_value)
+                except InvalidInput as exc:
+                    if ok[i]:
+                        reasons[i], ok[i] = exc.message, False
+    good = np.flatnonzero(ok)
+    if not len(good):
+        return None, ok, reasons
+    columns = {}
+    for column in schema.columns:
+        array = checked[column.name]
+        columns[column.name] = array[good] if array is not None else column_array(
+            column, [values[column.name][i] for i in good], _at_value
+        )
+    return ColumnTable(schema, columns, len(good)), ok, reasons
+
+
+def _predict_typed(
+    predictor: Predictor, table: Any, order: list[int] | None, *, from_text: bool
+) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+    """Predictions for the rows that pass their checks, which rows those are, the others' reasons."""
+    labels: list[np.ndarray] = []
+    oks: list[np.ndarray] = []
+    reasons: list[str | None] = []
+    for start in range(0, table.num_rows, TYPED_SLICE_ROWS):
+        good, ok, why = check_typed(table.slice(start, TYPED_SLICE_ROWS), order, predictor.schema, from_text=from_text)
+        if good is not None:
+            labels.append(predictor.predict(predictor.validate(good)))
+        oks.append(ok)
+        reasons.extend(why)
+    ok_all = np.concatenate(oks) if oks else np.ones(0, dtype=bool)
+    return (np.concatenate(labels) if labels else np.empty(0, dtype=np.int64)), ok_all, reasons
+
+
 def predict_chunk(
     chunk: Chunk, *, store: str, model: str, version: str, order: list[int] | None, n_columns: int, errors_dir: str
 ) -> Any:
@@ -257,11 +377,14 @@ def predict_chunk(
     features = list(predictor.manifest.feature_names)
     data = b""
     if chunk.kind == "csv":
-        table, rows, bad, data = _read_csv_chunk(chunk, n_columns)
+        table, rows, bad, data = _read_csv_chunk(chunk, n_columns, as_text=predictor.typed)
     else:
         table = pq.ParquetFile(chunk.path).read_row_group(chunk.start)
         rows, bad = np.arange(table.num_rows, dtype=np.int64) + chunk.first_row, []
-    matrix, ok, reasons = _to_matrix(table, order, features)
+    if predictor.typed:
+        labels, ok, reasons = _predict_typed(predictor, table, order, from_text=chunk.kind == "csv")
+    else:
+        matrix, ok, reasons = _to_matrix(table, order, features)
     refused = np.flatnonzero(~ok)
     lines = data.split(b"\n") if len(refused) and data else []
     for i in refused:
@@ -277,8 +400,9 @@ def predict_chunk(
         bad.sort(key=lambda b: b["row"])
         path = Path(errors_dir) / f"part-{chunk.index:06d}.parquet"
         pq.write_table(pa.Table.from_pylist(bad, schema=error_schema()), path)
-    good = matrix[ok]
-    labels = predictor.predict(predictor.validate(good)) if len(good) else np.empty(0, dtype=np.int64)
+    if not predictor.typed:
+        good = matrix[ok]
+        labels = predictor.predict(predictor.validate(good)) if len(good) else np.empty(0, dtype=np.int64)
     return pa.table({"row": rows[ok], "prediction": labels})
 
 
@@ -314,17 +438,22 @@ def _prepare_output(path: Path, overwrite: bool) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def plan(input_path: Path, features: list[str], chunk_bytes: int) -> tuple[list[Chunk], list[int] | None, int]:
+def plan(
+    input_path: Path, features: list[str], chunk_bytes: int, *, typed: bool = False
+) -> tuple[list[Chunk], list[int] | None, int]:
+    """The chunks, which input column feeds each feature (None: in order), and the input's
+    column count. `typed`: the model's columns are named, and found by name."""
+    order_of = typed_column_order if typed else column_order
     suffix = input_path.suffix.lower()
     if input_path.is_dir() or suffix in PARQUET_SUFFIXES:
         columns, chunks = plan_parquet(input_path)
-        order = column_order(columns, features, input_path)
+        order = order_of(columns, features, input_path)
         if order is None or len(columns) < len(features):
             raise BatchError(f"{input_path} has {len(columns)} columns; the model needs {len(features)}: {features}")
         return chunks, order, len(columns)
     if suffix in CSV_SUFFIXES:
         header, chunks = plan_csv(input_path, chunk_bytes)
-        order = column_order(header, features, input_path)
+        order = order_of(header, features, input_path)
         return chunks, order, len(header) if header is not None else len(features)
     raise BatchError(f"{input_path}: use a .csv or .parquet file (or a directory of Parquet files)")
 
@@ -355,8 +484,8 @@ def run_batch(
     # A version number, fixed now: every task predicts with the same version even if the
     # alias moves while the job runs.
     version = model_store.resolve(name, ref)
-    features = list(model_store.manifest(name, version).feature_names)
-    chunks, order, n_columns = plan(source, features, chunk_bytes)
+    manifest = model_store.manifest(name, version)
+    chunks, order, n_columns = plan(source, list(manifest.feature_names), chunk_bytes, typed=manifest.typed)
     _prepare_output(target, overwrite)
     _prepare_output(errors_target, overwrite)
     errors_target.mkdir(parents=True)

@@ -13,6 +13,8 @@ from serve_app.ops import processes
 from serve_app.errors import ServeAppError
 from serve_app.ops.control import DeployFailed
 from serve_app.settings import default_store
+from serve_app.model.schema import UnservableModel
+from serve_app.model.manifest import Manifest
 from serve_app.model.store import DEFAULT_ALIAS, ModelStore
 
 
@@ -20,23 +22,89 @@ def _store(args: argparse.Namespace) -> ModelStore:
     return ModelStore(args.store)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from serve_app.model.training import train
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
-    manifest = train(
-        _store(args), name=args.name, dataset=args.dataset, estimator=args.estimator,
-        fmt=args.format, seed=args.seed, progress=lambda message: print(message, file=sys.stderr, flush=True),
-    )
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from serve_app.model.training import CHURN_DATASET, CHURN_MODEL_NAME, DEFAULT_MODEL_NAME, train, train_churn
+
+    if args.dataset == CHURN_DATASET:
+        if args.estimator is not None or args.format != "skops":
+            raise ValueError("the churn dataset trains its own Pipeline, stored as skops: drop --estimator and --format")
+        try:
+            manifest = train_churn(_store(args), name=args.name or CHURN_MODEL_NAME, seed=args.seed, progress=_say)
+        except UnservableModel as exc:
+            return _refused(args.name or CHURN_MODEL_NAME, exc)
+    else:
+        manifest = train(
+            _store(args), name=args.name or DEFAULT_MODEL_NAME, dataset=args.dataset, estimator=args.estimator,
+            fmt=args.format, seed=args.seed, progress=_say,
+        )
+    _print_stored(_store(args), manifest)
+    return 0
+
+
+def _print_stored(store: ModelStore, manifest: Manifest) -> None:
+    """What `train` and `models import` stored: version, aliases, path, runtime, and the
+    columns when the model has typed ones."""
     metrics = ", ".join(f"{k}={v:.4f}" for k, v in manifest.metrics.items())
-    aliases = [a for a, v in _store(args).aliases(manifest.name).items() if v == manifest.version]
+    aliases = [a for a, v in store.aliases(manifest.name).items() if v == manifest.version]
     print(
         f"stored {manifest.name} v{manifest.version} ({manifest.estimator.rsplit('.', 1)[-1]} on "
-        f"{manifest.dataset}, {manifest.format}; {metrics}) aliases: {', '.join(aliases)}"
+        f"{manifest.dataset}, {manifest.format}; {metrics or 'no test set'}) aliases: {', '.join(aliases)}"
     )
-    print(f"  {_store(args).version_dir(manifest.name, manifest.version)}")
+    print(f"  {store.version_dir(manifest.name, manifest.version)}")
     served_by = "ONNX Runtime (compiled model.onnx)" if manifest.runtime == "onnxruntime" else "scikit-learn"
     print(f"  runtime: {served_by}; {manifest.runtime_reason}")
+    if manifest.input_schema is not None:
+        rows = [["COLUMN", "KIND", "NULLABLE", "CATEGORIES"]]
+        for column in manifest.input_schema.columns:
+            categories = "-"
+            if column.categories is not None:
+                categories = f"{len(column.categories)}, unknown {column.unknown_categories}"
+            rows.append([column.name, column.kind, "yes" if column.nullable else "no", categories])
+        print("  " + _table(rows).replace("\n", "\n  "))
+
+
+PICKLE_WARNING = (
+    "{file} is a pickle (joblib) file, and loading a pickle runs whatever code it holds. Load only files "
+    "you made yourself; then pass --trust-pickle. It is loaded once, on this machine: the stored version is "
+    "in the safe, signed skops format, and servers never unpickle."
+)
+
+
+def cmd_models_import(args: argparse.Namespace) -> int:
+    """Publishes a model the user fitted and saved with joblib.dump (serve_app/model/publish.py)."""
+    if not args.trust_pickle:
+        print("serve-app: error: " + PICKLE_WARNING.format(file=args.model_file), file=sys.stderr)
+        return 2
+    import joblib
+
+    from serve_app.model.publish import publish
+
+    _store(args).check_name(args.name)  # before the file is unpickled, not after
+    try:
+        estimator = joblib.load(args.model_file)
+    except FileNotFoundError:
+        raise ValueError(f"no such file: {args.model_file}") from None
+    except Exception as exc:  # unpickling runs the file's code: anything can fail
+        raise ValueError(f"cannot load {args.model_file}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+    try:
+        manifest = publish(
+            estimator, name=args.name, sample=args.sample, target=args.target, test=args.test,
+            store=_store(args), progress=_say,
+        )
+    except UnservableModel as exc:
+        return _refused(args.name, exc)
+    _print_stored(_store(args), manifest)
     return 0
+
+
+def _refused(name: str, exc: UnservableModel) -> int:
+    reasons = "".join(f"\n  - {reason}" for reason in exc.reasons)
+    print(f"serve-app: error: cannot publish {name}:{reasons}", file=sys.stderr)
+    return 1
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -285,7 +353,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from serve_app.ops.launcher import run
 
-    return run(Path(args.config), fast_path=not args.no_fast_path, dashboard_port=args.dashboard_port)
+    return run(Path(args.config), fast_path=not args.no_fast_path, dashboard_port=args.dashboard_port, model=args.model)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -343,7 +411,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from serve_app.model.formats import FORMATS
-    from serve_app.model.training import DATASETS, DEFAULT_DATASET, DEFAULT_MODEL_NAME, ESTIMATORS
+    from serve_app.model.training import CHURN_DATASET, DATASETS, DEFAULT_DATASET, DEFAULT_MODEL_NAME, ESTIMATORS
 
     parser = argparse.ArgumentParser(prog="serve-app", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -353,9 +421,10 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     train = with_store(commands.add_parser("train", help="train a model and store it as a new version"))
-    train.add_argument("--name", default=DEFAULT_MODEL_NAME, help="model name in the store (default: iris)")
-    train.add_argument("--dataset", default=DEFAULT_DATASET, choices=sorted(DATASETS),
-                       help="built-in dataset: scikit-learn's, or synthetic30 (30-feature make_classification, 10,000 rows)")
+    train.add_argument("--name", default=None, help="model name in the store (default: iris; churn for --dataset churn)")
+    train.add_argument("--dataset", default=DEFAULT_DATASET, choices=sorted([*DATASETS, CHURN_DATASET]),
+                       help="built-in dataset: scikit-learn's, synthetic30 (30-feature make_classification, 10,000 rows), "
+                       "or churn (synthetic customers: numbers, strings, booleans, missing values; a Pipeline)")
     estimators = sorted({name for choices in ESTIMATORS.values() for name in choices})
     train.add_argument(
         "--estimator", default=None, choices=estimators,
@@ -378,6 +447,17 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("name")
     show.add_argument("ref", nargs="?", default=DEFAULT_ALIAS, help="version or alias (default: production)")
     show.set_defaults(func=cmd_models_show)
+    imported = with_store(sub.add_parser(
+        "import", help="publish a model you fitted and saved with joblib.dump (needs --trust-pickle)"))
+    imported.add_argument("model_file", metavar="MODEL_FILE", help="the joblib/pickle file of a fitted estimator or Pipeline")
+    imported.add_argument("--name", required=True, help="model name in the store")
+    imported.add_argument("--sample", required=True,
+                          help="its training data (or a sample of it), .csv or .parquet: the schema and statistics")
+    imported.add_argument("--target", default=None, help="the sample's and test set's target column, split off")
+    imported.add_argument("--test", default=None, help="a labelled test set (.csv or .parquet) to score; needs --target")
+    imported.add_argument("--trust-pickle", action="store_true",
+                          help="load MODEL_FILE although unpickling runs its code: only for files you made")
+    imported.set_defaults(func=cmd_models_import)
     def live(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--address", default=None, help="Ray dashboard of the running cluster (default: $RAY_DASHBOARD_ADDRESS or http://127.0.0.1:8265)")
         p.add_argument("--app", default="serve_app", help="application name in the Serve config")
@@ -433,6 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-fast-path", action="store_true", help="use Ray's default proxy instead of HAProxy")
     run.add_argument("--dashboard-port", type=int, default=None,
                      help="the Ray dashboard's port (default: 8265, Ray's own, or the next free one)")
+    run.add_argument("--model", default=None, metavar="NAME",
+                     help="serve this stored model instead of the config's args.model (the config file is not changed)")
     run.set_defaults(func=cmd_run)
 
     report = commands.add_parser("report", help="render a running app's monitoring (traffic, latency, classes, drift, accuracy) as HTML")

@@ -1,7 +1,9 @@
 """`serve-app run`: `serve run CONFIG` on a fresh local Ray, in the foreground, cleaned up fully.
 
 It checks the config first (Ray's keys, serve_app's `args` and `user_config`, the store,
-the port), trains the default model if the store is empty, turns on Ray Serve's fast path
+the port), trains the default model if the store lacks it (any other missing model is
+refused, naming the store's models and how to add one), with `--model NAME` serves that
+stored model instead of the config's (a copy of the config, the user's file untouched), turns on Ray Serve's fast path
 (HAProxy ingress, throughput-optimized mode), and watches the application through the
 Ray dashboard until it serves: a status line while it deploys and, when it cannot start,
 serve_app's own reason and what to change, then everything stopped and a non-zero exit
@@ -51,20 +53,61 @@ def read_config(path: Path) -> dict[str, Any]:
     return config
 
 
+def serve_app_apps(config: dict[str, Any]) -> list[dict[str, Any]]:
+    return [app for app in config["applications"] if str(app.get("import_path", "")).startswith("serve_app.")]
+
+
 def serve_app_args(config: dict[str, Any]) -> list[dict[str, Any]]:
-    return [
-        app.get("args") or {}
-        for app in config["applications"]
-        if str(app.get("import_path", "")).startswith("serve_app.")
-    ]
+    return [app.get("args") or {} for app in serve_app_apps(config)]
+
+
+def with_model(config: dict[str, Any], model: str, source: str = "the config") -> dict[str, Any]:
+    """A copy of `config` whose serve_app applications serve `model` (`args.model`);
+    everything else as it was."""
+    import copy
+
+    ModelStore.check_name(model)
+    changed = copy.deepcopy(config)
+    apps = serve_app_apps(changed)
+    if not apps:
+        raise ConfigError(f"{source} has no serve_app application (import_path serve_app...) whose model --model could set")
+    for app in apps:
+        app["args"] = {**(app.get("args") or {}), "model": model}
+    return changed
+
+
+def config_text_with_model(text: str, model: str, source: str = "the config") -> str:
+    """The YAML of a Serve config with its serve_app applications' model replaced (comments
+    are not kept: the text is a temporary copy for `serve run`)."""
+    config = yaml.safe_load(text)
+    if not isinstance(config, dict) or not config.get("applications"):
+        raise ConfigError(f"{source} is not a Ray Serve config: it needs an 'applications' list")
+    return yaml.safe_dump(with_model(config, model, source), sort_keys=False)
+
+
+class MissingModel(ConfigError):
+    """The config (or --model) names a model the store has not got, and it is not the default
+    one, which `serve-app run` would train."""
+
+
+def missing_model_message(store: ModelStore, name: str) -> str:
+    names = store.names()
+    have = f"it has: {', '.join(names)}" if names else "it has no models yet"
+    return (
+        f"the model store {store.root} has no model {name!r} ({have}). Serve one of those "
+        f"(serve-app run --model NAME), or add {name!r} to the store: train the built-in example with "
+        f"`serve-app train --store {store.root} --dataset churn --name {name}`, or publish a model you "
+        f"trained with `serve-app models import MODEL_FILE --name {name} --sample TRAIN.csv --store {store.root}`"
+    )
 
 
 def ensure_models(config: dict[str, Any], log: Any = print) -> None:
     """Trains the default model into a store that lacks it; refuses a store path that does
     not exist, unless it is ./models (the project's own, which a fresh clone has not got):
     anywhere else a missing directory is a typo, and training into it would serve iris in
-    place of the model the config meant."""
-    from serve_app.model.training import train
+    place of the model the config meant. Any other missing model is refused (`MissingModel`):
+    training iris under its name would serve the wrong model."""
+    from serve_app.model.training import DEFAULT_MODEL_NAME, train
 
     for args in serve_app_args(config):
         settings = settings_from_args(args)
@@ -75,6 +118,8 @@ def ensure_models(config: dict[str, Any], log: Any = print) -> None:
                 f"your models, or train one into it: serve-app train --store {store.root} --name {settings.model}"
             )
         if not store.versions(settings.model):
+            if settings.model != DEFAULT_MODEL_NAME:
+                raise MissingModel(missing_model_message(store, settings.model))
             log(f"serve-app: the store {store.root} has no model {settings.model!r}; training the default one")
             manifest = train(store, name=settings.model)
             log(f"serve-app: stored {manifest.name} v{manifest.version} (accuracy {manifest.metrics})")
@@ -230,26 +275,39 @@ def choose_dashboard_port(wanted: int | None) -> int:
     return processes.free_port()
 
 
-def run(config_path: Path, *, fast_path: bool = True, dashboard_port: int | None = None) -> int:
+def run(config_path: Path, *, fast_path: bool = True, dashboard_port: int | None = None, model: str | None = None) -> int:
+    """`serve run CONFIG` in the foreground; `model`: serve that stored model in place of
+    the config's (`args.model` of its serve_app applications), from a copy of the config."""
     config = read_config(config_path)
+    if model is not None:
+        config = with_model(config, model, str(config_path))
     control.check_config(config, str(config_path))
     http = config.get("http_options") or {}
     host, port = http.get("host", "127.0.0.1"), int(http.get("port", 8000))
     if not processes.port_is_free(port, host if host not in ("0.0.0.0", "::") else "127.0.0.1"):
         print(f"serve-app: error: {busy_port_message(port, config_path)}", file=sys.stderr)
         return 1
-    ensure_models(config)
+    try:
+        ensure_models(config)
+    except MissingModel as exc:
+        print(f"serve-app: error: {exc}", file=sys.stderr)
+        return 1
     dashboard_port = choose_dashboard_port(dashboard_port)
     dashboard = f"http://127.0.0.1:{dashboard_port}"
 
     env = dict(os.environ)
     # HAProxy refuses a socket path over 97 bytes, and Ray adds a 56-character folder.
     state_dir = Path(tempfile.mkdtemp(prefix="sa-", dir="/tmp"))
+    serve_config = config_path
+    if model is not None:  # serve run reads a file: a copy with the model replaced, gone with the run
+        serve_config = state_dir / config_path.name
+        serve_config.write_text(yaml.safe_dump(config, sort_keys=False))
     if fast_path:
         env.update(processes.FAST_PATH_ENV)
         env.update(processes.haproxy_env(state_dir))
-    command = [sys.executable, "-m", "serve_app.ops.launcher", "--dashboard-port", str(dashboard_port), str(config_path)]
-    print(f"serve-app: serve run {config_path} on a new local Ray, dashboard {dashboard}"
+    command = [sys.executable, "-m", "serve_app.ops.launcher", "--dashboard-port", str(dashboard_port), str(serve_config)]
+    print(f"serve-app: serve run {config_path}" + (f" with model {model!r}" if model is not None else "")
+          + f" on a new local Ray, dashboard {dashboard}"
           + (" (HAProxy ingress, throughput-optimized)" if fast_path else ""), flush=True)
     # Own session: the terminal's Ctrl-C reaches only us, and we pass it on once. The child
     # gets the default SIGINT action back even if we were started with it ignored.

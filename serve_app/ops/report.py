@@ -5,8 +5,9 @@
 
 It reads `GET /v2/models/{name}/monitoring` (the same data `GET /dashboard` renders) and
 writes it drawn by serve_app/monitoring/dashboard.py: throughput, latency percentiles,
-class mix, drift per feature and live accuracy, embedded as PNGs so the page is one
-self-contained file.
+class mix, drift per feature (for categorical columns also the unseen share and the top
+categories' training vs recent share) and live accuracy, embedded as PNGs so the page is
+one self-contained file.
 """
 
 from __future__ import annotations

@@ -93,13 +93,16 @@ class InferRequest:
     parameters: Mapping[str, Any] = field(default_factory=dict)
 
 
+ONE_TENSOR_ERROR = "inputs must hold exactly one tensor of shape [rows, features]"
+
+
 def decode_request(body: bytes, header_length: str | None = None) -> InferRequest:
     """An infer request; with `header_length`, Triton's binary form."""
     json_part, data_start = split_body(body, header_length)
     payload = require_object(loads(json_part), _EXAMPLE)
     inputs = require_key(payload, "inputs", _EXAMPLE)
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-        raise InvalidInput(f"inputs must hold exactly one tensor of shape [rows, features]; expected {_EXAMPLE}")
+        raise InvalidInput(f"{ONE_TENSOR_ERROR}; expected {_EXAMPLE}, or one named input per feature")
     parameters, binary_default = request_parameters(payload)
     rows, data_end = _input_tensor(inputs[0], "inputs[0]", body, data_start, json_part)
     if data_end != len(body):

@@ -2,7 +2,9 @@
 
     POST /feedback                      {"request_id": "...", "label": 0}  (or "labels": [...],
     POST /v2/models/{name}/feedback      or a list of such objects) -> joined with the prediction
-    GET  /v2/models/{name}/drift        ok / warning / drift per feature, over all replicas
+    GET  /v2/models/{name}/drift        ok / warning / drift per feature, over all replicas (for
+                                         typed models per column: numeric PSI/KS, categorical
+                                         PSI, unseen and null shares, top categories)
     GET  /v2/models/{name}/accuracy     live accuracy per version over the last labelled rows
     GET  /v2/models/{name}/monitoring   all of it plus traffic, for `serve-app report`
     GET  /dashboard                     the same as an HTML page with plots
@@ -159,7 +161,7 @@ def openapi_paths() -> dict[str, Any]:
     return {
         "/feedback": feedback,
         "/v2/models/{name}/feedback": {"parameters": [name], **feedback},
-        "/v2/models/{name}/drift": {"parameters": [name], **get("Data drift per feature (PSI, KS) over all replicas' recent inputs")},
+        "/v2/models/{name}/drift": {"parameters": [name], **get("Data drift per feature over all replicas' recent inputs: PSI and KS for numeric columns; PSI over categories, the share of unseen categories and the training vs recent share of the top categories for string and boolean columns")},
         "/v2/models/{name}/accuracy": {"parameters": [name], **get("Live accuracy per version from /feedback")},
         "/v2/models/{name}/monitoring": {"parameters": [name], **get("Traffic, latency, class mix, drift and accuracy")},
         "/dashboard": get("The monitoring summary as an HTML page", "text/html"),

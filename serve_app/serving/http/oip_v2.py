@@ -6,13 +6,18 @@ answers in the form asked for; `.../versions/{version}/...` names a version.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
+
+import numpy as np
 
 from starlette.requests import Request
 from starlette.responses import Response
 
+from serve_app.errors import InvalidInput
 from serve_app.model.predictor import PREDICT, PREDICT_PROBA, Predictor
 from serve_app.protocol import columns, oip_v2
+from serve_app.protocol.json import loads
 from serve_app.serving.http.endpoint import (
     JSON, Endpoint, InferenceBackend, answered_by, json_body, json_response, read_body, sticky_key,
 )
@@ -50,8 +55,9 @@ def endpoints(backend: InferenceBackend) -> list[Endpoint]:
         predictor = await predictor_of(request)  # an unknown model or version is a 404 first
         header_length = request.headers.get(oip_v2.BINARY_HEADER)
         body = await (json_body(request, limit) if header_length is None else read_body(request, limit))
-        # One named input per column for a typed model; one 2-D tensor of numbers otherwise.
-        decoded = columns.decode_v2(body, predictor.schema, header_length) if predictor.typed else oip_v2.decode_request(body, header_length)
+        # One named input per column for a typed model; one 2-D tensor of numbers otherwise,
+        # or for an all-numeric model also one named input per feature (tritonclient's habit).
+        decoded: Any = columns.decode_v2(body, predictor.schema, header_length) if predictor.typed else _numeric_request(body, header_length, predictor)
         rows = decoded.table if isinstance(decoded, columns.NamedInferRequest) else decoded.rows
         requested = decoded.outputs
         if requested is None:  # the spec: no outputs named means all of them
@@ -105,6 +111,37 @@ def metadata(predictor: Predictor, versions: Sequence[str]) -> dict[str, Any]:
             "runtime_reason": predictor.runtime_reason,
         },
     }
+
+
+def _numeric_request(body: bytes, header_length: str | None, predictor: Predictor) -> Any:
+    """An all-numeric model's request: one [rows, features] tensor, or one named input per
+    feature (then decoded column by column and stacked into the same float64 matrix)."""
+    try:
+        return oip_v2.decode_request(body, header_length)
+    except InvalidInput as exc:
+        if not str(exc.message).startswith(oip_v2.ONE_TENSOR_ERROR) or predictor.n_features < 2:
+            raise
+        if not _names_features(body, header_length, predictor):
+            raise  # not an attempt at named inputs: the one-tensor form is what to explain
+        named = columns.decode_v2(body, predictor.schema, header_length)  # its own error names the column
+        matrix = np.column_stack([named.table.columns[name] for name in predictor.schema.names])
+        return _StackedRequest(matrix, named.outputs, named.binary_default, named.id)
+
+
+def _names_features(body: bytes, header_length: str | None, predictor: Predictor) -> bool:
+    """Whether the request's inputs are named after the model's features (two or more)."""
+    json_part, _ = oip_v2.split_body(body, header_length)
+    inputs = loads(json_part).get("inputs")
+    names = {spec.get("name") for spec in inputs if isinstance(spec, dict)} if isinstance(inputs, list) else set()
+    return len(names) > 1 and names <= set(predictor.schema.names)
+
+
+@dataclass(frozen=True)
+class _StackedRequest:
+    rows: np.ndarray
+    outputs: tuple[oip_v2.RequestedOutput, ...] | None
+    binary_default: bool
+    id: str | None
 
 
 def _inputs(predictor: Predictor) -> list[dict[str, Any]]:
