@@ -86,6 +86,20 @@ def test_v2_one_named_input_per_column_as_json() -> None:
     assert request.id == "7" and request.outputs is not None and request.outputs[0].name == "predict"
 
 
+def test_v2_json_nan_tokens_are_nulls_as_tritonclient_writes_them() -> None:
+    # tritonclient's JSON mode writes a float NaN as the bare token NaN (not JSON).
+    body = _body(V2_JSON).replace(b"null", b"NaN")
+    assert b"NaN" in body
+    _expected_table(columns.decode_v2(body, SCHEMA).table)
+    not_nullable = _body(V2_JSON).replace(b"[3,40]", b"[3,NaN]").replace(b'"INT64"', b'"FP64"')
+    with pytest.raises(InvalidInput, match="tenure"):
+        columns.decode_v2(not_nullable, SCHEMA)
+    with pytest.raises(InvalidInput, match="charges"):
+        columns.decode_v2(_body(V2_JSON).replace(b"null", b"Infinity"), SCHEMA)
+    with pytest.raises(BadRequest, match="not valid JSON"):
+        columns.decode_v2(_body(V2_JSON).replace(b"null", b"nope"), SCHEMA)
+
+
 def _bytes_tensor(values: list[str]) -> bytes:
     return b"".join(struct.pack("<I", len(v.encode())) + v.encode() for v in values)
 

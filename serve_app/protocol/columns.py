@@ -18,7 +18,8 @@ Decisions:
 - numbers accept integers; strings accept only strings (`3` in a string column is refused:
   send `"3"` if that is the category);
 - null (JSON null, None, NaN) is allowed only in `nullable` columns; a number column refuses
-  infinities;
+  infinities; V2 JSON may also carry the bare tokens NaN/Infinity (tritonclient's JSON mode
+  writes a float NaN so), read as NaN (null) and infinity (refused);
 - a category never seen in training is refused, naming the known ones, unless the column's
   `unknown_categories` is "allowed" (the model handles it).
 
@@ -36,7 +37,7 @@ import numpy as np
 
 from serve_app.errors import BadRequest, InvalidInput
 from serve_app.model.schema import Column, InputSchema
-from serve_app.protocol.json import loads, require_key, require_object
+from serve_app.protocol.json import loads, loads_allowing_nan, require_key, require_object
 from serve_app.protocol.oip_v2 import DATATYPES, RequestedOutput, request_parameters, requested_outputs, shape_of, split_body
 
 if TYPE_CHECKING:
@@ -222,7 +223,7 @@ def decode_v2(body: bytes, schema: InputSchema, header_length: str | None = None
     as JSON `data` or, with `header_length`, Triton's binary form."""
     example = _v2_example(schema)
     json_part, data_start = split_body(body, header_length)
-    payload = require_object(loads(json_part), example)
+    payload = require_object(loads_allowing_nan(json_part), example)
     inputs = require_key(payload, "inputs", example)
     if not isinstance(inputs, list) or not all(isinstance(i, dict) for i in inputs):
         raise InvalidInput(f"inputs must be a list of named inputs, one per column; expected {example}")

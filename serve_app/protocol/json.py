@@ -56,6 +56,22 @@ def loads(body: bytes) -> Any:
         ) from None
 
 
+def loads_allowing_nan(body: bytes) -> Any:
+    """`loads`, but a body that is JSON apart from the NaN/Infinity tokens is read too (as
+    floats): tritonclient's JSON mode writes a float NaN that way, and for a typed model's
+    nullable number column NaN is how a missing value travels. The column checks then take
+    NaN as null and refuse infinities, naming the column."""
+    try:
+        return loads(body)
+    except BadRequest as strict:
+        import json
+
+        try:
+            return json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise strict from None
+
+
 def require_object(payload: Any, expected: str) -> Mapping[str, Any]:
     if not isinstance(payload, dict):
         raise InvalidInput(f"expected a JSON object such as {expected}, got {type(payload).__name__}")
