@@ -255,6 +255,46 @@ def test_random_forest_predictions_match(store: ModelStore) -> None:
     assert np.array_equal(predictor.predict_proba(rows), reference.predict_proba(rows))
 
 
+@pytest.mark.parametrize("forest_class", ["RandomForestClassifier"])  # ExtraTrees: not on the store's allow-list
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_forests_are_answered_bit_for_bit_without_joblib(
+    store: ModelStore, monkeypatch: pytest.MonkeyPatch, forest_class: str, n_classes: int
+) -> None:
+    """The scikit-learn runtime sums the trees itself (predictor.forest_proba): the same bits as
+    the forest's own predict/predict_proba, and joblib's Parallel is never called for it."""
+    import sklearn.ensemble
+    from sklearn.ensemble import _forest
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(n_classes)
+    features = rng.normal(size=(400, 5))
+    noisy = features[:, 0] * 2 + features[:, 1] + rng.normal(scale=1.5, size=400)
+    target = (noisy > 0).astype(int) + (features[:, 2] > 1 if n_classes == 3 else 0)
+    # Leaves of 7+ rows hold fractions (0.142857...), so the order of the sum shows in the bits.
+    # n_jobs=1: with threads scikit-learn's own sum order (hence last bits) varies run to run.
+    forest = getattr(sklearn.ensemble, forest_class)(n_estimators=25, min_samples_leaf=7, random_state=0).fit(features, target)
+    pipeline = make_pipeline(StandardScaler(), getattr(sklearn.ensemble, forest_class)(
+        n_estimators=25, min_samples_leaf=7, random_state=1)).fit(features, target)
+    rows = _random_rows(rng, 300, 5)
+    for name, model in (("forest", forest), ("pipeline", pipeline)):
+        save_fitted(store, model, name=f"{name}-{n_classes}", compile=False)
+        predictor = Predictor.load(store, f"{name}-{n_classes}")
+        expected = (model.predict(rows), model.predict_proba(rows))
+
+        def no_joblib(*args: Any, **kwargs: Any) -> Any:
+            raise AssertionError("the forest went through joblib")
+
+        with monkeypatch.context() as patched:
+            patched.setattr(_forest, "Parallel", no_joblib)
+            checked = predictor.validate(rows)
+            assert np.array_equal(predictor.predict(checked), expected[0])
+            assert np.array_equal(predictor.predict_proba(checked), expected[1])  # bit for bit
+            labels, proba = predictor.predict_with_proba(checked)
+            assert np.array_equal(labels, expected[0]) and np.array_equal(proba, expected[1])
+            assert np.array_equal(predictor.predict(checked[:1]), expected[0][:1])
+
+
 # ---- outputs --------------------------------------------------------------------------------
 
 

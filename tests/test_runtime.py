@@ -330,8 +330,9 @@ def test_sklearn_evaluates_once_for_both_outputs_with_identical_answers(
     expected = (model.predict(rows), model.predict_proba(rows))
     predictor = Predictor(model, manifest_for(model))
     assert predictor.runtime == "sklearn" and predictor.one_evaluation
-    evaluations = "predict_proba" if isinstance(model, RandomForestClassifier) else "_raw_predict"
-    calls = counting(monkeypatch, model, "predict", evaluations)
+    # A forest's trees are summed by the predictor itself (predictor.forest_proba): each tree once.
+    evaluated, evaluations = (model.estimators_[0], "predict_proba") if isinstance(model, RandomForestClassifier) else (model, "_raw_predict")
+    calls = counting(monkeypatch, evaluated, "predict", evaluations)
     answers = both_outputs_through_the_replica(predictor, rows)
     assert calls == {"predict": 0, evaluations: 1}
     assert np.array_equal(answers[PREDICT], expected[0])
