@@ -41,6 +41,7 @@ from serve_app.errors import InvalidInput, ServeAppError
 from serve_app.model.predictor import Predictor
 from serve_app.model.schema import Column, InputSchema
 from serve_app.model.store import DEFAULT_ALIAS, ModelStore
+from serve_app.settings import RuntimeChoice
 from serve_app.protocol.columns import ColumnTable, column_array
 
 CSV_SUFFIXES = (".csv", ".txt")
@@ -171,14 +172,58 @@ def typed_column_order(columns: list[str] | None, names: list[str], source: Path
 
 # ---- one chunk (a Ray task; also callable directly) ----------------------------------------
 
-_PREDICTORS: dict[tuple[str, str, str], Predictor] = {}
+_PREDICTORS: dict[tuple[str, str, str, str], Predictor] = {}
 
 
-def _predictor(store: str, name: str, version: str) -> Predictor:
-    key = (store, name, version)
+def _predictor(store: str, name: str, version: str, runtime: RuntimeChoice = "auto") -> Predictor:
+    key = (store, name, version, runtime)
     if key not in _PREDICTORS:  # once per worker process, then reused by every chunk
-        _PREDICTORS[key] = Predictor.load(store, name, version, max_rows=2**62)
+        _PREDICTORS[key] = Predictor.load(store, name, version, max_rows=2**62, runtime=runtime)
     return _PREDICTORS[key]
+
+
+# Rows per call the runtimes are timed on: a chunk's scale (a batch job predicts whole chunks),
+# where ONNX Runtime's flat cost per row can lose to scikit-learn's (docs/performance-notes.md).
+RUNTIME_PROBE_ROWS = 16384
+
+
+@dataclass(frozen=True)
+class BatchRuntime:
+    """Which runtime a job's tasks predict with, and why (measured at the job's start)."""
+
+    choice: RuntimeChoice
+    reason: str
+
+
+def choose_batch_runtime(store: str, name: str, version: str, probe_rows: int = RUNTIME_PROBE_ROWS) -> BatchRuntime:
+    """For a version with a compiled model, times both runtimes on `probe_rows` rows drawn from
+    its training statistics, one thread each (a task has one CPU), and keeps the faster: the
+    compiled model's cost per row is flat, scikit-learn's falls with the batch, and whole
+    chunks are large batches. Both give the same labels (verified at publish)."""
+    from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
+
+    manifest = ModelStore(store).manifest(name, version)
+    if manifest.runtime != "onnxruntime" or manifest.typed or not manifest.training_stats:
+        return BatchRuntime("auto", f"the version's runtime ({manifest.runtime}): {manifest.runtime_reason}")
+    rng = np.random.default_rng(0)
+    rows = np.column_stack([
+        rng.choice(np.asarray(manifest.training_stats[f].sample), size=probe_rows) if f in manifest.training_stats
+        else np.zeros(probe_rows) for f in manifest.feature_names
+    ])
+    costs = {}
+    with threadpool_limits(1):
+        for choice in ("auto", "sklearn"):
+            predictor = Predictor.load(store, name, version, max_rows=2**62, runtime=choice, threads=1)
+            checked = predictor.validate(rows)
+            predictor.predict(checked[:64])  # warm
+            started = time.perf_counter()
+            predictor.predict(checked)
+            costs[choice] = (time.perf_counter() - started) / probe_rows * 1e6
+    compiled, sklearn = costs["auto"], costs["sklearn"]
+    measured = f"{probe_rows:,} rows a call, one thread: ONNX Runtime {compiled:.1f} µs a row, scikit-learn {sklearn:.1f}"
+    if sklearn < compiled:
+        return BatchRuntime("sklearn", f"scikit-learn ({measured})")
+    return BatchRuntime("auto", f"ONNX Runtime, the compiled model ({measured})")
 
 
 def _read_csv_chunk(
@@ -364,7 +409,8 @@ def _predict_typed(
 
 
 def predict_chunk(
-    chunk: Chunk, *, store: str, model: str, version: str, order: list[int] | None, n_columns: int, errors_dir: str
+    chunk: Chunk, *, store: str, model: str, version: str, order: list[int] | None, n_columns: int, errors_dir: str,
+    runtime: RuntimeChoice = "auto",
 ) -> Any:
     """Predictions for one chunk as an Arrow table; its bad rows go to `errors_dir`.
 
@@ -373,7 +419,7 @@ def predict_chunk(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    predictor = _predictor(store, model, version)
+    predictor = _predictor(store, model, version, runtime)
     features = list(predictor.manifest.feature_names)
     data = b""
     if chunk.kind == "csv":
@@ -425,6 +471,7 @@ class BatchResult:
     seconds: float
     output: Path
     errors_output: Path
+    runtime: str = ""  # which runtime predicted, and why (BatchRuntime.reason)
 
     @property
     def rows_per_s(self) -> float:
@@ -498,9 +545,11 @@ def run_batch(
             ray.init(include_dashboard=False, log_to_driver=False)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = progress
+    started = time.perf_counter()  # the runtime's timing counts as the job's
+    runtime = choose_batch_runtime(str(model_store.root), name, version)
     predict = functools.partial(
         predict_chunk, store=str(model_store.root), model=name, version=version, order=order,
-        n_columns=n_columns, errors_dir=str(errors_target),
+        n_columns=n_columns, errors_dir=str(errors_target), runtime=runtime.choice,
     )
 
     target.mkdir(parents=True)
@@ -517,7 +566,6 @@ def run_batch(
             written.append(table.num_rows)
         return {"index": batch["index"], "predicted": np.asarray(written, dtype=np.int64)}
 
-    started = time.perf_counter()
     items = [chunk.__dict__ for chunk in chunks]
     dataset = ray.data.from_items(items, override_num_blocks=len(items))
     # Tasks (not an actor pool): read, predict and write happen in one task per chunk, and
@@ -534,7 +582,7 @@ def run_batch(
     total = planned_rows(chunks)
     if predicted + errors != total:
         raise BatchError(f"{predicted} predictions + {errors} errors != {total} input rows")
-    return BatchResult(name, version, total, predicted, errors, seconds, target, errors_target)
+    return BatchResult(name, version, total, predicted, errors, seconds, target, errors_target, runtime.reason)
 
 
 def planned_rows(chunks: list[Chunk]) -> int:

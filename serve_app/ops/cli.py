@@ -406,6 +406,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         f"({result.rows_per_s:,.0f} rows/s): {result.predicted} predictions -> {result.output}, "
         f"{result.errors} bad rows -> {result.errors_output}"
     )
+    print(f"  runtime: {result.runtime}")
     return 0
 
 
