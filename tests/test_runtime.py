@@ -374,7 +374,7 @@ def test_batch_job_uses_the_compiled_runtime(
         chunks[0], store=str(compiled_store.root), model="forest", version="1", order=None,
         n_columns=N_FEATURES, errors_dir=str(tmp_path / "errors"),
     )
-    predictor = batch._PREDICTORS[(str(compiled_store.root), "forest", "1")]
+    predictor = batch._PREDICTORS[(str(compiled_store.root), "forest", "1", "auto")]
     batch._PREDICTORS.clear()
     assert predictor.runtime == "onnxruntime"
     assert table.column("prediction").to_pylist() == forest.predict(rows).tolist()
