@@ -98,6 +98,10 @@ def test_v2_json_nan_tokens_are_nulls_as_tritonclient_writes_them() -> None:
         columns.decode_v2(_body(V2_JSON).replace(b"null", b"Infinity"), SCHEMA)
     with pytest.raises(BadRequest, match="not valid JSON"):
         columns.decode_v2(_body(V2_JSON).replace(b"null", b"nope"), SCHEMA)
+    # An attack on the lenient reader: nesting past orjson's limit (and Python's recursion
+    # limit), with a NaN to reach the second reader, is a 400 like any invalid JSON.
+    with pytest.raises(BadRequest, match="not valid JSON"):
+        columns.decode_v2(b"[" * 100_000 + b"NaN" + b"]" * 100_000, SCHEMA)
 
 
 def _bytes_tensor(values: list[str]) -> bytes:

@@ -64,11 +64,13 @@ def loads_allowing_nan(body: bytes) -> Any:
     try:
         return loads(body)
     except BadRequest as strict:
+        if b"NaN" not in body and b"Infinity" not in body:
+            raise  # not what the second reader is for: no second parse of a broken body
         import json
 
         try:
             return json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # nesting orjson refused too deep
             raise strict from None
 
 
