@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from serve_app.model.churn import TARGET, churn_frame, fit_churn
-from serve_app.model.manifest import FeatureStats, library_versions
-from serve_app.model.schema import CategoryStats, Column, InputSchema, column_stats, infer_schema
+from serve_app.model.publish import publish
+from serve_app.model.schema import Column, InputSchema
 from serve_app.model.store import ModelStore
 from serve_app.ops.batch import BatchError, check_typed, plan, plan_csv, predict_chunk, read_output, run_batch
 from serve_app.ops.cli import main
@@ -36,20 +36,10 @@ LOWER_CASE_BOOLEAN_ROWS = range(0, N_ROWS, 3)
 
 
 def publish_churn(store: ModelStore) -> Any:
-    """The churn Pipeline stored as a typed model (as `serve_app.publish` will), returned fitted."""
+    """The churn Pipeline published as a typed model, returned fitted."""
     frame = churn_frame(1500)
-    features = frame.drop(columns=[TARGET])
     model = fit_churn(frame)
-    schema = infer_schema(model, features)
-    stats = column_stats(features, schema)
-    store.save(model, {
-        "name": "churn", "estimator": "sklearn.pipeline.Pipeline", "task": "classification",
-        "feature_names": schema.names, "n_features": len(schema.names), "classes": [0, 1],
-        "outputs": ["predict", "predict_proba"], "dataset": "churn", "input_schema": schema,
-        "training_stats": {k: v for k, v in stats.items() if isinstance(v, FeatureStats)},
-        "category_stats": {k: v for k, v in stats.items() if isinstance(v, CategoryStats)},
-        "versions": library_versions(),
-    })
+    publish(model, name="churn", sample=frame.drop(columns=[TARGET]), store=store)
     return model
 
 

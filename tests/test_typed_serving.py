@@ -20,9 +20,8 @@ from sklearn.preprocessing import OrdinalEncoder
 
 from serve_app.errors import InvalidInput
 from serve_app.model.churn import TARGET, churn_frame, fit_churn
-from serve_app.model.manifest import FeatureStats, library_versions
 from serve_app.model.predictor import Predictor
-from serve_app.model.schema import CategoryStats, column_stats, infer_schema
+from serve_app.model.publish import publish
 from serve_app.model.store import ModelStore
 from serve_app.serving.deployment import ModelServer
 from serve_app.serving.http.app import build_http_app
@@ -34,33 +33,19 @@ with warnings.catch_warnings():
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-def store_typed(store: ModelStore, name: str, model: Any, features: pd.DataFrame) -> None:
-    """Stores a fitted Pipeline with the schema and statistics read off its training frame."""
-    schema = infer_schema(model, features)
-    stats = column_stats(features, schema)
-    store.save(model, {
-        "name": name, "estimator": "sklearn.pipeline.Pipeline", "task": "classification",
-        "feature_names": schema.names, "n_features": len(schema.names),
-        "classes": np.asarray(model.classes_).tolist(), "outputs": ["predict", "predict_proba"], "dataset": name,
-        "input_schema": schema, "versions": library_versions(),
-        "training_stats": {k: v for k, v in stats.items() if isinstance(v, FeatureStats)},
-        "category_stats": {k: v for k, v in stats.items() if isinstance(v, CategoryStats)},
-    })
-
-
 @pytest.fixture(scope="module")
 def churn(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pipeline, pd.DataFrame]:
     frame = churn_frame(1200, seed=3)
     features = frame.drop(columns=[TARGET])
     model = fit_churn(frame)
     store = ModelStore(tmp_path_factory.mktemp("typed") / "models")
-    store_typed(store, "churn", model, features)
+    publish(model, name="churn", sample=features, store=store)
     # Unknown categories refused: an OrdinalEncoder that raises on them.
     strict = Pipeline([
         ("columns", ColumnTransformer([("contract", OrdinalEncoder(), ["contract"])], remainder="drop")),
         ("model", LogisticRegression()),
     ]).fit(features[["contract"]], frame[TARGET])
-    store_typed(store, "strict", strict, features[["contract"]])
+    publish(strict, name="strict", sample=features[["contract"]], store=store)
     return store.root, model, features
 
 

@@ -227,7 +227,7 @@ class Predictor:
 
     def _validate_table(self, rows: Any) -> ColumnTable:
         if isinstance(rows, ColumnTable):
-            if rows.schema != self.schema:  # decoded for another version's columns
+            if rows.schema is not self.schema and rows.schema != self.schema:  # decoded for another version's columns
                 raise InvalidInput(f"the rows were decoded for other columns than {self.name} v{self.version} takes "
                                    f"({', '.join(self.schema.names)})")
             table = rows

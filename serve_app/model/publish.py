@@ -32,7 +32,7 @@ from serve_app.model import formats
 from serve_app.model.manifest import FeatureStats, Manifest, library_versions
 from serve_app.model.schema import CategoryStats, InputSchema, UnservableModel, column_stats, infer_schema
 from serve_app.model.store import ModelStore
-from serve_app.model.training import Progress, choose_runtime
+from serve_app.model.training import Progress, choose_runtime, estimator_fields
 from serve_app.protocol.columns import decode_frame
 
 Frame = Union[pd.DataFrame, str, os.PathLike[str]]
@@ -91,12 +91,9 @@ def publish(
     stats = column_stats(features, schema)
     fields: dict[str, Any] = {
         "name": name,
-        "estimator": f"{type(estimator).__module__}.{type(estimator).__qualname__}",
-        "task": _task(estimator),
+        **estimator_fields(estimator),  # check_estimator made sure it is a classifier or regressor
         "feature_names": schema.names,
         "n_features": len(schema.names),
-        "classes": np.asarray(estimator.classes_).tolist() if _task(estimator) == "classification" else None,
-        "outputs": ["predict"] + (["predict_proba"] if hasattr(estimator, "predict_proba") else []),
         "dataset": dataset,
         "params": scalar_params(estimator),
         "metrics": metrics,

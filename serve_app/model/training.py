@@ -177,20 +177,13 @@ def save_fitted(
     compiled model is stored beside it and serves (manifest `runtime: onnxruntime`),
     otherwise scikit-learn serves and `runtime_reason` says why. Never fails for that.
     """
-    from sklearn.base import is_classifier
-
     n_features = int(model.n_features_in_)
     names = feature_names or [f"x{i}" for i in range(n_features)]
-    classifier = is_classifier(model)
-    outputs = ["predict"] + (["predict_proba"] if hasattr(model, "predict_proba") else [])
     fields = {
         "name": name,
-        "estimator": f"{type(model).__module__}.{type(model).__qualname__}",
-        "task": "classification" if classifier else "regression",
+        **estimator_fields(model),
         "feature_names": names,
         "n_features": n_features,
-        "classes": np.asarray(model.classes_).tolist() if classifier else None,
-        "outputs": outputs,
         "dataset": dataset,
         "params": {k: v for k, v in model.get_params().items() if isinstance(v, (int, float, str, bool, type(None)))},
         "metrics": metrics or {},
@@ -201,6 +194,19 @@ def save_fitted(
     }
     runtime, onnx_bytes = choose_runtime(model, reference, held_out, compile=compile, progress=progress)
     return store.save(model, {**fields, **runtime}, fmt=fmt, promote_first=promote_first, compiled=onnx_bytes)
+
+
+def estimator_fields(model: Any) -> dict[str, Any]:
+    """What a manifest says of a fitted estimator: its class, task, classes and outputs."""
+    from sklearn.base import is_classifier
+
+    classifier = is_classifier(model)
+    return {
+        "estimator": f"{type(model).__module__}.{type(model).__qualname__}",
+        "task": "classification" if classifier else "regression",
+        "classes": np.asarray(model.classes_).tolist() if classifier else None,
+        "outputs": ["predict"] + (["predict_proba"] if hasattr(model, "predict_proba") else []),
+    }
 
 
 def _verification_rows(rows: np.ndarray | None, seed: int) -> np.ndarray | None:

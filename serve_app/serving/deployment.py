@@ -49,10 +49,6 @@ class InferenceResult:
 Rows = np.ndarray | ColumnTable  # validated: a float64 matrix, or a typed model's columns
 
 
-def n_rows(rows: Rows) -> int:
-    return rows.n_rows if isinstance(rows, ColumnTable) else len(rows)
-
-
 @dataclass(frozen=True)
 class _BatchItem:
     predictor: Predictor
@@ -61,11 +57,11 @@ class _BatchItem:
 
 
 def _item_rows(item: _BatchItem) -> int:
-    return n_rows(item.rows)
+    return len(item.rows)
 
 
 def _rows_in(items: Sequence[_BatchItem]) -> int:
-    return sum(n_rows(item.rows) for item in items)
+    return sum(len(item.rows) for item in items)
 
 
 def _joined(items: Sequence[_BatchItem]) -> Rows:
@@ -86,7 +82,7 @@ def _run_timed(predictor: Predictor, items: Sequence[_BatchItem]) -> tuple[list[
     results = []
     start = 0
     for item in items:
-        stop = start + n_rows(item.rows)
+        stop = start + len(item.rows)
         results.append({name: computed[name][start:stop] for name in item.outputs})
         start = stop
     return results, time.perf_counter() - started
@@ -179,13 +175,13 @@ class ModelServer:
         predictor.check_outputs(outputs)
         array = predictor.validate(rows)
         item = _BatchItem(predictor, array, outputs)
-        if n_rows(array) > self.runtime.max_batch_size:
+        if len(array) > self.runtime.max_batch_size:
             # Already a full batch on its own. Off the event loop: there it would keep
             # every other request waiting uncounted (Ray Serve counts a direct-ingress
             # request as ongoing only once the loop gets to it), so the autoscaler never
             # saw the load and never scaled up.
             results, seconds = await asyncio.to_thread(_run_timed, predictor, [item])
-            self.ledger.model_call(predictor, 1, n_rows(array), seconds)
+            self.ledger.model_call(predictor, 1, len(array), seconds)
             result = results[0]
         else:
             result = await self._batcher.submit(item)

@@ -6,7 +6,6 @@ answers in the form asked for; `.../versions/{version}/...` names a version.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -113,7 +112,7 @@ def metadata(predictor: Predictor, versions: Sequence[str]) -> dict[str, Any]:
     }
 
 
-def _numeric_request(body: bytes, header_length: str | None, predictor: Predictor) -> Any:
+def _numeric_request(body: bytes, header_length: str | None, predictor: Predictor) -> oip_v2.InferRequest:
     """An all-numeric model's request: one [rows, features] tensor, or one named input per
     feature (then decoded column by column and stacked into the same float64 matrix)."""
     try:
@@ -125,7 +124,7 @@ def _numeric_request(body: bytes, header_length: str | None, predictor: Predicto
             raise  # not an attempt at named inputs: the one-tensor form is what to explain
         named = columns.decode_v2(body, predictor.schema, header_length)  # its own error names the column
         matrix = np.column_stack([named.table.columns[name] for name in predictor.schema.names])
-        return _StackedRequest(matrix, named.outputs, named.binary_default, named.id)
+        return oip_v2.InferRequest("", matrix, named.outputs, named.binary_default, named.id, named.parameters)
 
 
 def _names_features(body: bytes, header_length: str | None, predictor: Predictor) -> bool:
@@ -134,14 +133,6 @@ def _names_features(body: bytes, header_length: str | None, predictor: Predictor
     inputs = loads(json_part).get("inputs")
     names = {spec.get("name") for spec in inputs if isinstance(spec, dict)} if isinstance(inputs, list) else set()
     return len(names) > 1 and names <= set(predictor.schema.names)
-
-
-@dataclass(frozen=True)
-class _StackedRequest:
-    rows: np.ndarray
-    outputs: tuple[oip_v2.RequestedOutput, ...] | None
-    binary_default: bool
-    id: str | None
 
 
 def _inputs(predictor: Predictor) -> list[dict[str, Any]]:
