@@ -49,9 +49,9 @@ def churn(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pipeline, pd.
     return store.root, model, features
 
 
-def replica(store: Path, model: str) -> Any:
+def replica(store: Path, model: str, **args: Any) -> Any:
     cls = next(c for c in ModelServer.func_or_class.__mro__ if "reconfigure" in vars(c))
-    server = cls({"store": str(store), "model": model, "monitoring": {"enabled": False}})
+    server = cls({"store": str(store), "model": model, "monitoring": {"enabled": False}, **args})
     server.reconfigure({})
     return server
 
@@ -263,3 +263,10 @@ def test_an_all_numeric_model_takes_one_named_input_per_feature(tmp_path: Path) 
         assert wrong.status_code == 422 and "sepal_length" in wrong.json()["error"], wrong.text
         two_tensors = iris_client.post("/v2/models/iris/infer", json={"inputs": [{"name": "a", "datatype": "FP64", "shape": [1, 4], "data": [1, 2, 3, 4]}] * 2})
         assert two_tensors.status_code == 422 and "exactly one tensor" in two_tensors.json()["error"], two_tensors.text
+
+
+def test_more_records_than_max_rows_is_a_413(churn: Any, rows: pd.DataFrame) -> None:
+    with TestClient(build_http_app(replica(churn[0], "churn", max_rows=5)), raise_server_exceptions=False) as small:
+        reply = small.post("/predict", json={"features": records(rows.head(6))})
+        assert reply.status_code == 413 and "limit is 5" in reply.json()["error"], reply.text
+        assert small.post("/predict", json={"features": records(rows.head(5))}).status_code == 200
