@@ -21,7 +21,7 @@ from serve_app.model.publish import publish
 from serve_app.model.schema import Column, InputSchema, column_stats
 from serve_app.model.store import ModelStore
 from serve_app.monitoring import metrics as m
-from serve_app.monitoring.dashboard import render_html
+from serve_app.monitoring.dashboard import figure, render_html
 from serve_app.monitoring.drift import DriftReference, RowWindow, Thresholds, WindowCounts, score
 from serve_app.monitoring.hub import MonitorHub
 from serve_app.monitoring.monitor import LocalHub, Monitor
@@ -129,6 +129,17 @@ def test_one_shifted_categorical_column_drifts_there_only(
     page = render_html(hub.summary("churn"))
     assert "Categorical columns: training vs recent share" in page and "two-year" in page
     assert re.search(r"<td>contract</td><td>[0-9.]+</td><td>-</td><td>categorical</td><td>0.0%</td>.*>drift</td>", page)
+
+    # Its plots: a panel of the drifted column's category shares, training beside recent.
+    panels = {ax.get_title(): ax for ax in figure(hub.summary("churn")).axes}
+    title = next(t for t in panels if t.startswith("Categorical column 'contract'"))
+    assert "drift" in title
+    ax = panels[title]
+    categories = [label.get_text() for label in ax.get_xticklabels()]
+    training_bars, recent_bars = ax.containers
+    drawn = {c: (t.get_height(), r.get_height()) for c, t, r in zip(categories, training_bars, recent_bars)}
+    expected = {c["category"]: (c["training"], c["live"]) for c in features["contract"]["categories"] if c["training"] or c["live"]}
+    assert drawn == expected and drawn["two-year"][1] == 1.0
 
 
 def test_unseen_categories_raise_the_unseen_share(churn_store: tuple[ModelStore, Predictor], recorders: dict[str, Recorder]) -> None:

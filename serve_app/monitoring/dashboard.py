@@ -3,7 +3,8 @@
 `render_html` is one self-contained page (key figures, the plots embedded as a PNG, drift
 per feature, and for categorical columns their top categories' share in training and in
 recent traffic); `render_png` the plots alone: throughput, latency percentiles, class mix,
-drift per feature and live accuracy. The summary is what `GET /v2/models/{name}/monitoring`
+drift per feature, live accuracy and, for a model with categorical columns, the category
+shares of the most drifted one. The summary is what `GET /v2/models/{name}/monitoring`
 answers. matplotlib is imported only when a figure is drawn, so a replica that never serves
 /dashboard never loads it.
 """
@@ -20,12 +21,17 @@ STATUS_COLOURS = {"ok": "#2e7d32", "warning": "#f9a825", "drift": "#c62828", "in
 
 
 def figure(summary: Mapping[str, Any]) -> Any:
-    """One matplotlib Figure with the five panels (object API: safe off the main thread)."""
+    """One matplotlib Figure with six panels, seven with a categorical column (object API: safe off the main thread)."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-    fig = Figure(figsize=(13, 10), dpi=100, layout="constrained")
-    grid = fig.add_gridspec(3, 2)
+    drift = summary.get("drift") or {}
+    versions = drift.get("versions") or {}
+    thresholds = drift.get("thresholds") or {}
+    busiest = max(versions.items(), key=lambda item: item[1]["rows"]) if versions else None
+    categorical = _most_drifted_categorical(busiest[1]) if busiest else None
+    fig = Figure(figsize=(13, 13 if categorical else 10), dpi=100, layout="constrained")
+    grid = fig.add_gridspec(4 if categorical else 3, 2)
     series = summary.get("series") or []
     start = series[0]["t"] if series else 0.0
     times = [(point["t"] - start) / 60 for point in series]
@@ -62,12 +68,9 @@ def figure(summary: Mapping[str, Any]) -> Any:
     if classes:
         ax.legend()
 
-    drift = summary.get("drift") or {}
-    versions = drift.get("versions") or {}
-    thresholds = drift.get("thresholds") or {}
     ax = fig.add_subplot(grid[1, 1])
-    if versions:
-        version, scored = max(versions.items(), key=lambda item: item[1]["rows"])
+    if busiest:
+        version, scored = busiest
         names = list(scored["features"])
         values = [scored["features"][n]["psi"] for n in names]
         colours = [STATUS_COLOURS[scored["features"][n]["status"]] for n in names]
@@ -98,7 +101,28 @@ def figure(summary: Mapping[str, Any]) -> Any:
             color=["#c62828" if int(r["status"]) >= 400 else "#1565c0" for r in requests])
     ax.set_title("Requests by route and status")
     ax.invert_yaxis()
+
+    if busiest and categorical:
+        name, feature = categorical
+        bins = [entry for entry in feature["categories"] if entry["training"] or entry["live"]]
+        ax = fig.add_subplot(grid[3, :])
+        positions = range(len(bins))
+        ax.bar([j - 0.2 for j in positions], [entry["training"] for entry in bins], 0.4, color="#9e9e9e", label="training")
+        ax.bar([j + 0.2 for j in positions], [entry["live"] for entry in bins], 0.4,
+               color=STATUS_COLOURS[feature["status"]], label="recent traffic")
+        ax.set_xticks(list(positions), [entry["category"] for entry in bins])
+        ax.set_ylabel("share of rows")
+        ax.set_title(f"Categorical column {name!r} (v{busiest[0]}, PSI {feature['psi']:.2f}, {feature['status']}): "
+                     "share of each category")
+        ax.legend()
     return fig
+
+
+def _most_drifted_categorical(scored: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]] | None:
+    """The categorical column with the highest PSI, whose category shares get a panel of their own."""
+    columns = [(name, f) for name, f in (scored.get("features") or {}).items()
+               if f.get("kind") == "categorical" and f.get("categories") and f.get("psi") is not None]
+    return max(columns, key=lambda item: item[1]["psi"]) if columns else None
 
 
 def render_png(summary: Mapping[str, Any]) -> bytes:

@@ -214,7 +214,10 @@ class Watch:
                 now[(name, deployment)] = message
             for deployment in (app.get("deployments") or {}).values():
                 running |= {r["pid"] for r in deployment.get("replicas") or [] if r.get("state") == "RUNNING" and r.get("pid")}
-        self.gone |= {pid for pid in self.running_pids - running if not _pid_alive(pid)}
+        # A killed replica can still be listed RUNNING when Ray already calls the deployment
+        # UNHEALTHY, so every pid seen is checked, not only those that left the list.
+        # (The run's Ray is local: each replica's pid is a process on this machine.)
+        self.gone |= {pid for pid in self.running_pids | running if not _pid_alive(pid)}
         self.running_pids = running
         for key, message in now.items():
             if self.unhealthy.get(key) != message:

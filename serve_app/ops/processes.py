@@ -8,6 +8,7 @@ tree under it (by pid and start time, so a reused pid is never hit) and ends wha
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import time
@@ -185,7 +186,30 @@ def with_arguments(*markers: str) -> list[Process]:
     return found
 
 
+# Ports are handed out below the kernel's ephemeral range (where the OS picks the local port
+# of every outgoing connection and of Ray's own port-0 listeners) and above Ray's worker ports
+# (10002-19999): a port found free there stays free until its user binds it. Port 0 would
+# give one from the ephemeral range, which another process could take in the meantime.
+_RAY_WORKER_PORTS_END = 20000
+_handed_out: set[int] = set()
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
+    """A TCP port no process listens on, on any address, outside the ephemeral range."""
+    end = _ephemeral_start()
+    if end - _RAY_WORKER_PORTS_END >= 1000:
+        for _ in range(200):
+            port = random.randrange(_RAY_WORKER_PORTS_END, end)
+            if port not in _handed_out and port_is_free(port, "0.0.0.0"):
+                _handed_out.add(port)
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
