@@ -150,6 +150,9 @@ def test_v2_metadata_and_openapi_describe_every_column(client: TestClient, serve
     metadata = client.get("/v2/models/churn").json()
     assert [(i["name"], i["datatype"]) for i in metadata["inputs"]] == [(c.name, c.v2_datatype) for c in schema.columns]
     assert {i["name"]: i["datatype"] for i in metadata["inputs"]}["paperless_billing"] == "BOOL"
+    # Who transforms the columns: serve_app's encoder, verified against scikit-learn at load.
+    assert metadata["parameters"]["column_encoder"].startswith("serve_app, numpy")
+    assert server.status()["column_encoder"] == metadata["parameters"]["column_encoder"]
     record = client.get("/openapi.json").json()["components"]["schemas"]["Record"]
     assert record["required"] == schema.names
     assert record["properties"]["contract"]["type"] == "string"

@@ -34,6 +34,7 @@ from sklearn.utils.extmath import softmax
 
 from serve_app.errors import InvalidInput, ModelLoadError, PayloadTooLarge
 from serve_app.model.manifest import Manifest, Runtime
+from serve_app.model.encoder import TableEncoder, probe_records
 from serve_app.settings import DEFAULT_MAX_ROWS, RuntimeChoice
 from serve_app.model.store import DEFAULT_ALIAS, ModelStore
 from serve_app.protocol.columns import ColumnTable, decode_frame, decode_records
@@ -110,6 +111,12 @@ class Predictor:
         # the steps before it (typed models are Pipelines whose first steps encode the columns).
         self._head, final = _split_pipeline(model)
         self._final = final
+        self._encoder, self.encoder_reason = (
+            _verified_encoder(self._head, manifest) if self.typed and self._head is not None and compiled is None
+            else (None, "")
+        )
+        """serve_app's numpy transform of the Pipeline's ColumnTransformer (encoder.py), and why
+        it is used or not; None: scikit-learn transforms the rows."""
         self._linear = model if served_directly(model) else None
         # Softmax of the scores is sklearn's predict_proba only for a multinomial model;
         # before sklearn 1.8, multi_class="ovr" or the liblinear solver meant one-vs-rest.
@@ -274,6 +281,13 @@ class Predictor:
         """What the scikit-learn model is called with: the matrix, or a table's DataFrame."""
         return rows.to_dataframe() if isinstance(rows, ColumnTable) else rows
 
+    def _encoded(self, rows: Any) -> np.ndarray | None:
+        """A table as the Pipeline's last step takes it, by serve_app's encoder; None where it
+        does not answer (no encoder, or an unknown category it leaves to scikit-learn)."""
+        if self._encoder is None or not isinstance(rows, ColumnTable):
+            return None
+        return self._encoder.transform(rows)
+
     def predict(self, rows: Any) -> np.ndarray:
         if self.compiled is not None:
             return self.compiled.predict(rows)
@@ -287,7 +301,10 @@ class Predictor:
             return self._linear.classes_.take(scores.argmax(axis=1))
         if self._one_evaluation == "forest":  # the trees called directly (forest_proba)
             return self.predict_with_proba(rows)[0]
+        encoded = self._encoded(rows)
         with sklearn.config_context(assume_finite=True):
+            if encoded is not None:
+                return np.asarray(self._final.predict(encoded))
             return np.asarray(self.model.predict(self._model_input(rows)))
 
     def predict_proba(self, rows: Any) -> np.ndarray:
@@ -300,7 +317,10 @@ class Predictor:
                 return softmax(rows @ self._linear.coef_.T + self._linear.intercept_, copy=False)
         if self._one_evaluation == "forest":
             return self.predict_with_proba(rows)[1]
+        encoded = self._encoded(rows)
         with sklearn.config_context(assume_finite=True):
+            if encoded is not None:
+                return np.asarray(self._final.predict_proba(encoded))
             return np.asarray(self.model.predict_proba(self._model_input(rows)))
 
     @property
@@ -318,7 +338,10 @@ class Predictor:
         if self.compiled is not None:
             return self.compiled.predict_with_proba(rows)
         kind = self._one_evaluation
-        if kind is not None and self._head is not None:  # a Pipeline: its first steps once, then as below
+        encoded = self._encoded(rows) if kind is not None else None
+        if encoded is not None:
+            rows = encoded
+        elif kind is not None and self._head is not None:  # a Pipeline: its first steps once, then as below
             with sklearn.config_context(assume_finite=True):
                 rows = self._head.transform(self._model_input(rows))
         elif kind is not None:
@@ -359,6 +382,7 @@ class Predictor:
             **self.manifest.model_dump(mode="json", exclude={"training_stats", "category_stats"}),
             "runtime": self.runtime,
             "runtime_reason": self.runtime_reason,
+            **({"column_encoder": self.encoder_reason} if self.encoder_reason else {}),
         }
 
 
@@ -382,6 +406,27 @@ def forest_proba(forest: Any, rows: Any) -> np.ndarray:
         proba += tree.predict_proba(features, check_input=False)
     proba /= len(forest.estimators_)
     return proba
+
+
+def _verified_encoder(head: Any, manifest: Manifest) -> tuple[TableEncoder | None, str]:
+    """serve_app's encoder for a typed Pipeline's head, if it gives scikit-learn's own output on
+    a probe of every known category, a null per nullable column and the training's spread."""
+    encoder, why = TableEncoder.build(head, manifest.schema)
+    if encoder is None:
+        return None, f"scikit-learn ({why})"
+    numbers = {}
+    for name, stats in manifest.training_stats.items():
+        spread = (stats.mean, stats.min, stats.max, stats.mean + stats.std, stats.mean - stats.std, *stats.quantiles.values())
+        numbers[name] = [min(max(value, stats.min), stats.max) for value in spread]
+    categories = {name: list(stats.frequencies) for name, stats in manifest.category_stats.items()}
+    try:
+        probe = decode_records(probe_records(manifest.schema, numbers, categories), manifest.schema, "the encoder's probe")
+        problem = encoder.verify(head, probe)
+    except Exception as exc:  # noqa: BLE001 - any failure means: let scikit-learn transform
+        problem = f"{type(exc).__name__}: {exc}"
+    if problem is not None:
+        return None, f"scikit-learn (serve_app's encoder differed on its probe: {problem})"
+    return encoder, f"serve_app, numpy ({why}; identical to scikit-learn on a probe of {probe.n_rows} rows)"
 
 
 def _split_pipeline(model: Any) -> tuple[Any, Any]:

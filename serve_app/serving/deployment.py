@@ -273,6 +273,7 @@ class ModelServer:
             # Which runtime answers the default version, and why (compiled model or scikit-learn).
             "runtime": self.versions.default.runtime,
             "runtime_reason": self.versions.default.runtime_reason,
+            "column_encoder": self.versions.default.encoder_reason or None,
             "routing": self.versions.routing.describe() if self.versions.routing else None,
             "traffic": self.ledger.traffic(),
             "requested_version": self.runtime.version,

@@ -108,6 +108,8 @@ def metadata(predictor: Predictor, versions: Sequence[str]) -> dict[str, Any]:
             # Which runtime answers this version here, and why (publish-time verification or fallback).
             "runtime": predictor.runtime,
             "runtime_reason": predictor.runtime_reason,
+            # A typed Pipeline: whether serve_app's numpy encoder or scikit-learn transforms its columns.
+            **({"column_encoder": predictor.encoder_reason} if predictor.encoder_reason else {}),
         },
     }
 

@@ -1,0 +1,228 @@
+"""A fitted ColumnTransformer's `transform`, done on a `ColumnTable`'s arrays in numpy.
+
+A typed model is usually a Pipeline whose first step is a ColumnTransformer (one-hot strings,
+scaled numbers, booleans passed through). scikit-learn's transform of one row of such a
+frame took ~4 ms here, against ~0.4 ms for the HistGradientBoosting model after it: pandas
+column selection, per-transformer validation and the stacking, for a handful of numbers.
+`TableEncoder` does the same arithmetic on the arrays a request was decoded into, for the
+transformers it knows, and nothing else:
+
+- `OneHotEncoder` (dense float64 output, no `drop`, no infrequent categories): a dict from
+  category to position; an unknown category is all zeros where `handle_unknown` ignores it,
+  else the call is handed to scikit-learn (which raises as it always did);
+- `StandardScaler`: `x -= mean_; x /= scale_` on float64, the operations scikit-learn does;
+- `"passthrough"` of number, integer and boolean columns (as float64), and `"drop"`.
+
+`TableEncoder.build` returns None (with the reason) for any other shape, and the Predictor
+then calls scikit-learn as before. A built encoder is also checked against scikit-learn on a
+probe table holding every known category and a null in every nullable column
+(`TableEncoder.verify`); unless every output value is identical the Predictor does not use it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from serve_app.model.schema import InputSchema
+from serve_app.protocol.columns import ColumnTable
+
+Block = Callable[[ColumnTable], "np.ndarray | None"]  # None: hand this table to scikit-learn
+
+
+class _Missing:
+    """The key of a null in a one-hot lookup (NaN is not equal to itself, so it cannot be one)."""
+
+
+MISSING = _Missing()
+
+
+@dataclass(frozen=True)
+class TableEncoder:
+    blocks: Sequence[Block]
+    width: int
+
+    @classmethod
+    def build(cls, head: Any, schema: InputSchema) -> tuple["TableEncoder | None", str]:
+        """The encoder of a Pipeline head that is one fitted ColumnTransformer, or (None, why not)."""
+        from sklearn.compose import ColumnTransformer
+        from sklearn.pipeline import Pipeline
+
+        steps = head.steps if isinstance(head, Pipeline) else [("", head)]
+        if len(steps) != 1 or type(steps[0][1]) is not ColumnTransformer:
+            return None, "the steps before the model are not one ColumnTransformer"
+        transformer = steps[0][1]
+        if getattr(transformer, "sparse_output_", False):
+            return None, "the ColumnTransformer's output is sparse"
+        if getattr(transformer, "_sklearn_output_config", {}).get("transform") not in (None, "default"):
+            return None, "the ColumnTransformer outputs DataFrames (set_output)"
+        fitted_names = list(getattr(transformer, "feature_names_in_", schema.names))
+        indices = getattr(transformer, "_transformer_to_input_indices", None)
+        if indices is None:
+            return None, "this scikit-learn's ColumnTransformer does not say which columns each step takes"
+        blocks: list[Block] = []
+        width = 0
+        for name, step, _ in transformer.transformers_:
+            columns = [str(fitted_names[i]) for i in indices.get(name, [])]
+            if not columns or (isinstance(step, str) and step == "drop"):
+                continue
+            built = _block(step, columns, schema)
+            if isinstance(built, str):
+                return None, f"step {name!r}: {built}"
+            block, block_width = built
+            blocks.append(block)
+            width += block_width
+        if not blocks:
+            return None, "the ColumnTransformer keeps no column"
+        return cls(blocks, width), "a ColumnTransformer of one-hot, scaled and passed-through columns"
+
+    def transform(self, table: ColumnTable) -> np.ndarray | None:
+        """The ColumnTransformer's output for `table`, or None where scikit-learn must answer."""
+        parts = []
+        for block in self.blocks:
+            part = block(table)
+            if part is None:
+                return None
+            parts.append(part)
+        return np.hstack(parts) if len(parts) > 1 else parts[0]
+
+    def verify(self, head: Any, probe: ColumnTable) -> str | None:
+        """None if this encoder gives scikit-learn's own output on `probe`, else what differs."""
+        import sklearn
+
+        ours = self.transform(probe)
+        with sklearn.config_context(assume_finite=True):
+            theirs = np.asarray(head.transform(probe.to_dataframe()))
+        if ours is None:
+            return "the probe rows were handed back to scikit-learn"
+        if ours.shape != theirs.shape:
+            return f"shape {ours.shape} against scikit-learn's {theirs.shape}"
+        if theirs.dtype != np.float64:
+            # Integer and boolean columns passed through beside one-hot floats make scikit-learn
+            # stack an object array, which the model's own input check turns into float64.
+            try:
+                theirs = theirs.astype(np.float64)
+            except (TypeError, ValueError):
+                return f"scikit-learn's output is {theirs.dtype}, not numbers"
+        same = (ours == theirs) | (np.isnan(ours) & np.isnan(theirs))
+        if not same.all():
+            row, column = map(int, np.argwhere(~same)[0])
+            return f"row {row}, output {column}: {ours[row, column]!r} against scikit-learn's {theirs[row, column]!r}"
+        return None
+
+
+def _block(step: Any, columns: list[str], schema: InputSchema) -> tuple[Block, int] | str:
+    from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
+
+    kinds = {c.name: c for c in schema.columns}
+    unknown = [c for c in columns if c not in kinds]
+    if unknown:
+        return f"columns {unknown} are not in the schema"
+    # A fitted ColumnTransformer holds "passthrough" as a FunctionTransformer without a function.
+    identity = type(step) is FunctionTransformer and step.func is None and not step.validate
+    if identity or (isinstance(step, str) and step == "passthrough"):
+        if any(kinds[c].kind == "string" for c in columns):
+            return "passes string columns through"
+        return _numbers(columns), len(columns)
+    if type(step) is StandardScaler:
+        if any(kinds[c].kind == "string" for c in columns):
+            return "scales a string column"
+        return _scaled(step, columns), len(columns)
+    if type(step) is OneHotEncoder:
+        return _one_hot(step, columns)
+    return f"{type(step).__name__} is not one of OneHotEncoder, StandardScaler, passthrough, drop"
+
+
+def _as_float(values: np.ndarray) -> np.ndarray:
+    """A column as float64, nulls (None in nullable integer and boolean columns) as NaN."""
+    if values.dtype != object:
+        return values.astype(np.float64)
+    return np.array([math.nan if v is None else float(v) for v in values], dtype=np.float64)
+
+
+def _numbers(columns: list[str]) -> Block:
+    def block(table: ColumnTable) -> np.ndarray:
+        return np.column_stack([_as_float(table.columns[c]) for c in columns])
+
+    return block
+
+
+def _scaled(scaler: Any, columns: list[str]) -> Block:
+    mean = scaler.mean_ if scaler.with_mean else None
+    scale = scaler.scale_ if scaler.with_std else None
+
+    def block(table: ColumnTable) -> np.ndarray:
+        values = np.column_stack([_as_float(table.columns[c]) for c in columns])
+        if mean is not None:
+            values -= mean
+        if scale is not None:
+            values /= scale
+        return values
+
+    return block
+
+
+def _one_hot(encoder: Any, columns: list[str]) -> tuple[Block, int] | str:
+    if getattr(encoder, "drop_idx_", None) is not None:
+        return "a OneHotEncoder that drops a category"
+    if getattr(encoder, "_infrequent_enabled", False):
+        return "a OneHotEncoder with infrequent categories"
+    if encoder.sparse_output or np.dtype(encoder.dtype) != np.float64:
+        return "a OneHotEncoder whose output is sparse or not float64"
+    ignore_unknown = encoder.handle_unknown in ("ignore", "infrequent_if_exist")
+    lookups: list[Mapping[Any, int]] = []
+    offsets = []
+    width = 0
+    for categories in encoder.categories_:
+        lookup: dict[Any, int] = {}
+        for position, category in enumerate(categories.tolist()):
+            if category is None:
+                return "a OneHotEncoder with None among its categories"
+            key = MISSING if isinstance(category, float) and math.isnan(category) else category
+            lookup[key] = position
+        lookups.append(lookup)
+        offsets.append(width)
+        width += len(categories)
+
+    def block(table: ColumnTable) -> np.ndarray | None:
+        out = np.zeros((table.n_rows, width), dtype=np.float64)
+        for column, lookup, offset in zip(columns, lookups, offsets):
+            for row, value in enumerate(table.columns[column].tolist()):
+                if value is None or (isinstance(value, float) and math.isnan(value)):
+                    value = MISSING
+                position = lookup.get(value)
+                if position is not None:
+                    out[row, offset + position] = 1.0
+                elif not ignore_unknown:
+                    return None
+        return out
+
+    return block, width
+
+
+def probe_records(schema: InputSchema, numbers: Mapping[str, Sequence[float]], categories: Mapping[str, Sequence[str]]) -> list[dict[str, Any]]:
+    """Records meeting every known category of every string column, both booleans, a null in
+    every nullable column and, per numeric column, each of `numbers[name]` (training mean,
+    extremes and spread): what `TableEncoder.verify` compares against scikit-learn."""
+    known = {c.name: list(c.categories or categories.get(c.name) or ()) for c in schema.columns if c.kind == "string"}
+    n_rows = max([4, *(len(values) + 1 for values in known.values()), *(len(v) + 1 for v in numbers.values())])
+    records = []
+    for row in range(n_rows):
+        record: dict[str, Any] = {}
+        for column in schema.columns:
+            if column.nullable and row == 0:
+                record[column.name] = None
+            elif column.kind == "string":
+                strings = known[column.name] or [""]
+                record[column.name] = strings[row % len(strings)]
+            elif column.kind == "boolean":
+                record[column.name] = row % 2 == 0
+            else:
+                spread = list(numbers.get(column.name) or (0.0, 1.0, 3.0))
+                value = spread[row % len(spread)]
+                record[column.name] = round(value) if column.kind == "integer" else value
+        records.append(record)
+    return records
