@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from sklearn.compose import ColumnTransformer
 from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
+from sklearn.linear_model import LogisticRegression
 from sklearn.impute import SimpleImputer
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
@@ -68,6 +69,14 @@ SUPPORTED: dict[str, Callable[[], Pipeline]] = {
         ("unused", "drop", ["city"]),
         ("numbers", StandardScaler(with_std=False), ["income"]),
     ])),
+    "imputers before the encoder and the scaler, a linear model after": lambda: pipeline(ColumnTransformer([
+        ("strings", make_pipeline(SimpleImputer(strategy="most_frequent"),
+                                  OneHotEncoder(handle_unknown="ignore", sparse_output=False)), ["city"]),
+        ("plans", make_pipeline(SimpleImputer(strategy="constant", fill_value="none"), OneHotEncoder(sparse_output=False)), ["plan"]),
+        ("numbers", make_pipeline(SimpleImputer(strategy="median"), StandardScaler()), NUMBERS),
+        ("filled", SimpleImputer(strategy="constant", fill_value=-1.0), ["visits"]),
+        ("booleans", "passthrough", ["active"]),
+    ]), LogisticRegression(max_iter=500)),
     "a forest after it": lambda: pipeline(ColumnTransformer([
         ("strings", OneHotEncoder(handle_unknown="ignore", sparse_output=False), ["plan"]),
         ("numbers", "passthrough", ["age", "active"]),
@@ -75,10 +84,14 @@ SUPPORTED: dict[str, Callable[[], Pipeline]] = {
 }
 
 UNSUPPORTED: dict[str, tuple[Callable[[], Pipeline], str]] = {
-    "an imputer": (lambda: pipeline(ColumnTransformer([
+    "an imputer of another missing value": (lambda: pipeline(ColumnTransformer([
         ("strings", OneHotEncoder(handle_unknown="ignore", sparse_output=False), STRINGS),
-        ("numbers", make_pipeline(SimpleImputer(), StandardScaler()), NUMBERS),
-    ])), "Pipeline is not one of"),
+        ("ages", make_pipeline(SimpleImputer(missing_values=0), StandardScaler()), ["age"]),  # 0: age unknown
+    ])), "missing_values other than NaN"),
+    "another transformer in a step's Pipeline": (lambda: pipeline(ColumnTransformer([
+        ("strings", OneHotEncoder(handle_unknown="ignore", sparse_output=False), STRINGS),
+        ("numbers", make_pipeline(StandardScaler(), SimpleImputer()), NUMBERS),
+    ])), "StandardScaler before its last step"),
     "a dropped first category": (lambda: pipeline(ColumnTransformer([
         ("strings", OneHotEncoder(drop="first", sparse_output=False), ["plan"]),
         ("numbers", "passthrough", ["age"]),
@@ -172,9 +185,8 @@ def test_an_unknown_category_is_zeros_where_ignored_and_scikit_learns_call_where
 def test_an_encoder_that_differs_on_the_probe_is_not_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The probe is what stands between a wrong encoder and wrong answers: one that forgets the
     scaler's division is caught there, and scikit-learn answers."""
-    def scaled_without_division(scaler: Any, columns: list[str]) -> Any:
-        numbers = encoder_module._numbers(columns)
-        return lambda table: numbers(table) - scaler.mean_
+    def scaled_without_division(scaler: Any) -> Any:
+        return lambda values: encoder_module._numbers(values) - scaler.mean_
 
     monkeypatch.setattr(encoder_module, "_scaled", scaled_without_division)
     model = SUPPORTED["one-hot, scaled, passed through"]()

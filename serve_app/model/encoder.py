@@ -11,7 +11,9 @@ transformers it knows, and nothing else:
   category to position; an unknown category is all zeros where `handle_unknown` ignores it,
   else the call is handed to scikit-learn (which raises as it always did);
 - `StandardScaler`: `x -= mean_; x /= scale_` on float64, the operations scikit-learn does;
-- `"passthrough"` of number, integer and boolean columns (as float64), and `"drop"`.
+- `"passthrough"` of number, integer and boolean columns (as float64), and `"drop"`;
+- `SimpleImputer` (missing values NaN, no indicator) alone on numbers, or before any of the
+  above in a Pipeline: each null becomes the fitted statistic.
 
 `TableEncoder.build` returns None (with the reason) for any other shape, and the Predictor
 then calls scikit-learn as before. A built encoder is also checked against scikit-learn on a
@@ -77,7 +79,7 @@ class TableEncoder:
             width += block_width
         if not blocks:
             return None, "the ColumnTransformer keeps no column"
-        return cls(blocks, width), "a ColumnTransformer of one-hot, scaled and passed-through columns"
+        return cls(blocks, width), "a ColumnTransformer of one-hot, scaled, imputed and passed-through columns"
 
     def transform(self, table: ColumnTable) -> np.ndarray | None:
         """The ColumnTransformer's output for `table`, or None where scikit-learn must answer."""
@@ -114,26 +116,61 @@ class TableEncoder:
         return None
 
 
+Columns = list  # one array per input column of a step, in its order (a list of np.ndarray)
+Stage = Callable[[Columns], "np.ndarray | None"]
+
+
 def _block(step: Any, columns: list[str], schema: InputSchema) -> tuple[Block, int] | str:
-    from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
+    """One ColumnTransformer entry: a step, or a Pipeline of SimpleImputers ending in a step."""
+    from sklearn.impute import SimpleImputer
+    from sklearn.pipeline import Pipeline
 
     kinds = {c.name: c for c in schema.columns}
     unknown = [c for c in columns if c not in kinds]
     if unknown:
         return f"columns {unknown} are not in the schema"
+    strings = any(kinds[c].kind == "string" for c in columns)
+    chain = [s for _, s in step.steps] if type(step) is Pipeline else [step]
+    imputers = []
+    for imputer in chain[:-1]:
+        if type(imputer) is not SimpleImputer:
+            return f"a Pipeline with {type(imputer).__name__} before its last step (only SimpleImputers are done here)"
+        built_imputer = _imputer(imputer, strings)
+        if isinstance(built_imputer, str):
+            return built_imputer
+        imputers.append(built_imputer)
+    last = _last_step(chain[-1], len(columns), strings)
+    if isinstance(last, str):
+        return last
+    stage, width = last
+
+    def block(table: ColumnTable) -> np.ndarray | None:
+        values: Columns = [table.columns[c] for c in columns]
+        for impute in imputers:
+            values = impute(values)
+        return stage(values)
+
+    return block, width
+
+
+def _last_step(step: Any, n_columns: int, strings: bool) -> tuple[Stage, int] | str:
+    from sklearn.impute import SimpleImputer
+    from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
+
     # A fitted ColumnTransformer holds "passthrough" as a FunctionTransformer without a function.
     identity = type(step) is FunctionTransformer and step.func is None and not step.validate
     if identity or (isinstance(step, str) and step == "passthrough"):
-        if any(kinds[c].kind == "string" for c in columns):
-            return "passes string columns through"
-        return _numbers(columns), len(columns)
+        return ("passes string columns through" if strings else (_numbers, n_columns))
     if type(step) is StandardScaler:
-        if any(kinds[c].kind == "string" for c in columns):
-            return "scales a string column"
-        return _scaled(step, columns), len(columns)
+        return "scales a string column" if strings else (_scaled(step), n_columns)
+    if type(step) is SimpleImputer:
+        imputer = _imputer(step, strings)
+        if isinstance(imputer, str) or strings:
+            return imputer if isinstance(imputer, str) else "imputes string columns as its output"
+        return (lambda values: _numbers(imputer(values))), n_columns
     if type(step) is OneHotEncoder:
-        return _one_hot(step, columns)
-    return f"{type(step).__name__} is not one of OneHotEncoder, StandardScaler, passthrough, drop"
+        return _one_hot(step)
+    return f"{type(step).__name__} is not one of OneHotEncoder, StandardScaler, SimpleImputer, passthrough, drop"
 
 
 def _as_float(values: np.ndarray) -> np.ndarray:
@@ -143,29 +180,63 @@ def _as_float(values: np.ndarray) -> np.ndarray:
     return np.array([math.nan if v is None else float(v) for v in values], dtype=np.float64)
 
 
-def _numbers(columns: list[str]) -> Block:
-    def block(table: ColumnTable) -> np.ndarray:
-        return np.column_stack([_as_float(table.columns[c]) for c in columns])
-
-    return block
+def _is_null(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def _scaled(scaler: Any, columns: list[str]) -> Block:
+def _numbers(values: Columns) -> np.ndarray:
+    return np.column_stack([_as_float(column) for column in values])
+
+
+def _scaled(scaler: Any) -> Stage:
     mean = scaler.mean_ if scaler.with_mean else None
     scale = scaler.scale_ if scaler.with_std else None
 
-    def block(table: ColumnTable) -> np.ndarray:
-        values = np.column_stack([_as_float(table.columns[c]) for c in columns])
+    def stage(values: Columns) -> np.ndarray:
+        out = _numbers(values)
         if mean is not None:
-            values -= mean
+            out -= mean
         if scale is not None:
-            values /= scale
-        return values
+            out /= scale
+        return out
 
-    return block
+    return stage
 
 
-def _one_hot(encoder: Any, columns: list[str]) -> tuple[Block, int] | str:
+def _imputer(imputer: Any, strings: bool) -> Callable[[Columns], Columns] | str:
+    """A SimpleImputer's transform, column by column: each null becomes the fitted statistic
+    (numbers as float64, as scikit-learn converts them; strings kept as objects)."""
+    from sklearn.utils._missing import is_scalar_nan
+
+    if not is_scalar_nan(imputer.missing_values) or imputer.add_indicator:
+        return "a SimpleImputer with missing_values other than NaN, or add_indicator"
+    fills = list(imputer.statistics_)
+    if any(_is_null(fill) for fill in fills):
+        return "a SimpleImputer with a column that was all missing in training"
+    if strings:
+        if not all(isinstance(fill, str) for fill in fills):
+            return "a SimpleImputer over string columns with a fill value that is not a string"
+
+        def impute_strings(values: Columns) -> Columns:
+            return [np.array([fill if _is_null(v) else v for v in column.tolist()], dtype=object)
+                    for column, fill in zip(values, fills)]
+
+        return impute_strings
+
+    statistics = np.asarray(fills, dtype=np.float64)
+
+    def impute_numbers(values: Columns) -> Columns:
+        out = []
+        for column, fill in zip(values, statistics):
+            numbers = _as_float(column)
+            numbers[np.isnan(numbers)] = fill
+            out.append(numbers)
+        return out
+
+    return impute_numbers
+
+
+def _one_hot(encoder: Any) -> tuple[Stage, int] | str:
     if getattr(encoder, "drop_idx_", None) is not None:
         return "a OneHotEncoder that drops a category"
     if getattr(encoder, "_infrequent_enabled", False):
@@ -181,26 +252,24 @@ def _one_hot(encoder: Any, columns: list[str]) -> tuple[Block, int] | str:
         for position, category in enumerate(categories.tolist()):
             if category is None:
                 return "a OneHotEncoder with None among its categories"
-            key = MISSING if isinstance(category, float) and math.isnan(category) else category
-            lookup[key] = position
+            lookup[MISSING if _is_null(category) else category] = position
         lookups.append(lookup)
         offsets.append(width)
         width += len(categories)
 
-    def block(table: ColumnTable) -> np.ndarray | None:
-        out = np.zeros((table.n_rows, width), dtype=np.float64)
-        for column, lookup, offset in zip(columns, lookups, offsets):
-            for row, value in enumerate(table.columns[column].tolist()):
-                if value is None or (isinstance(value, float) and math.isnan(value)):
-                    value = MISSING
-                position = lookup.get(value)
+    def stage(values: Columns) -> np.ndarray | None:
+        n_rows = len(values[0]) if values else 0
+        out = np.zeros((n_rows, width), dtype=np.float64)
+        for column, lookup, offset in zip(values, lookups, offsets):
+            for row, value in enumerate(column.tolist()):
+                position = lookup.get(MISSING if _is_null(value) else value)
                 if position is not None:
                     out[row, offset + position] = 1.0
                 elif not ignore_unknown:
                     return None
         return out
 
-    return block, width
+    return stage, width
 
 
 def probe_records(schema: InputSchema, numbers: Mapping[str, Sequence[float]], categories: Mapping[str, Sequence[str]]) -> list[dict[str, Any]]:
