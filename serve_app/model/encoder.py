@@ -29,6 +29,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from serve_app.model.manifest import Manifest
 from serve_app.model.schema import InputSchema
 from serve_app.protocol.columns import ColumnTable
 
@@ -45,7 +46,6 @@ MISSING = _Missing()
 @dataclass(frozen=True)
 class TableEncoder:
     blocks: Sequence[Block]
-    width: int
 
     @classmethod
     def build(cls, head: Any, schema: InputSchema) -> tuple["TableEncoder | None", str]:
@@ -66,7 +66,6 @@ class TableEncoder:
         if indices is None:
             return None, "this scikit-learn's ColumnTransformer does not say which columns each step takes"
         blocks: list[Block] = []
-        width = 0
         for name, step, _ in transformer.transformers_:
             columns = [str(fitted_names[i]) for i in indices.get(name, [])]
             if not columns or (isinstance(step, str) and step == "drop"):
@@ -74,12 +73,10 @@ class TableEncoder:
             built = _block(step, columns, schema)
             if isinstance(built, str):
                 return None, f"step {name!r}: {built}"
-            block, block_width = built
-            blocks.append(block)
-            width += block_width
+            blocks.append(built)
         if not blocks:
             return None, "the ColumnTransformer keeps no column"
-        return cls(blocks, width), "a ColumnTransformer of one-hot, scaled, imputed and passed-through columns"
+        return cls(blocks), "a ColumnTransformer of one-hot, scaled, imputed and passed-through columns"
 
     def transform(self, table: ColumnTable) -> np.ndarray | None:
         """The ColumnTransformer's output for `table`, or None where scikit-learn must answer."""
@@ -109,18 +106,18 @@ class TableEncoder:
                 theirs = theirs.astype(np.float64)
             except (TypeError, ValueError):
                 return f"scikit-learn's output is {theirs.dtype}, not numbers"
-        same = (ours == theirs) | (np.isnan(ours) & np.isnan(theirs))
-        if not same.all():
-            row, column = map(int, np.argwhere(~same)[0])
-            return f"row {row}, output {column}: {ours[row, column]!r} against scikit-learn's {theirs[row, column]!r}"
-        return None
+        if np.array_equal(ours, theirs, equal_nan=True):
+            return None
+        differ = (ours != theirs) & ~(np.isnan(ours) & np.isnan(theirs))
+        row, column = map(int, np.argwhere(differ)[0])
+        return f"row {row}, output {column}: {ours[row, column]!r} against scikit-learn's {theirs[row, column]!r}"
 
 
 Columns = list  # one array per input column of a step, in its order (a list of np.ndarray)
 Stage = Callable[[Columns], "np.ndarray | None"]
 
 
-def _block(step: Any, columns: list[str], schema: InputSchema) -> tuple[Block, int] | str:
+def _block(step: Any, columns: list[str], schema: InputSchema) -> Block | str:
     """One ColumnTransformer entry: a step, or a Pipeline of SimpleImputers ending in a step."""
     from sklearn.impute import SimpleImputer
     from sklearn.pipeline import Pipeline
@@ -139,10 +136,9 @@ def _block(step: Any, columns: list[str], schema: InputSchema) -> tuple[Block, i
         if isinstance(built_imputer, str):
             return built_imputer
         imputers.append(built_imputer)
-    last = _last_step(chain[-1], len(columns), strings)
-    if isinstance(last, str):
-        return last
-    stage, width = last
+    stage = _last_step(chain[-1], strings)
+    if isinstance(stage, str):
+        return stage
 
     def block(table: ColumnTable) -> np.ndarray | None:
         values: Columns = [table.columns[c] for c in columns]
@@ -150,24 +146,24 @@ def _block(step: Any, columns: list[str], schema: InputSchema) -> tuple[Block, i
             values = impute(values)
         return stage(values)
 
-    return block, width
+    return block
 
 
-def _last_step(step: Any, n_columns: int, strings: bool) -> tuple[Stage, int] | str:
+def _last_step(step: Any, strings: bool) -> Stage | str:
     from sklearn.impute import SimpleImputer
     from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
 
     # A fitted ColumnTransformer holds "passthrough" as a FunctionTransformer without a function.
     identity = type(step) is FunctionTransformer and step.func is None and not step.validate
     if identity or (isinstance(step, str) and step == "passthrough"):
-        return ("passes string columns through" if strings else (_numbers, n_columns))
+        return "passes string columns through" if strings else _numbers
     if type(step) is StandardScaler:
-        return "scales a string column" if strings else (_scaled(step), n_columns)
+        return "scales a string column" if strings else _scaled(step)
     if type(step) is SimpleImputer:
-        imputer = _imputer(step, strings)
-        if isinstance(imputer, str) or strings:
-            return imputer if isinstance(imputer, str) else "imputes string columns as its output"
-        return (lambda values: _numbers(imputer(values))), n_columns
+        if strings:
+            return "imputes string columns as its output"
+        imputer = _imputer(step, strings=False)
+        return imputer if isinstance(imputer, str) else lambda values: _numbers(imputer(values))
     if type(step) is OneHotEncoder:
         return _one_hot(step)
     return f"{type(step).__name__} is not one of OneHotEncoder, StandardScaler, SimpleImputer, passthrough, drop"
@@ -236,7 +232,7 @@ def _imputer(imputer: Any, strings: bool) -> Callable[[Columns], Columns] | str:
     return impute_numbers
 
 
-def _one_hot(encoder: Any) -> tuple[Stage, int] | str:
+def _one_hot(encoder: Any) -> Stage | str:
     if getattr(encoder, "drop_idx_", None) is not None:
         return "a OneHotEncoder that drops a category"
     if getattr(encoder, "_infrequent_enabled", False):
@@ -269,14 +265,22 @@ def _one_hot(encoder: Any) -> tuple[Stage, int] | str:
                     return None
         return out
 
-    return stage, width
+    return stage
 
 
-def probe_records(schema: InputSchema, numbers: Mapping[str, Sequence[float]], categories: Mapping[str, Sequence[str]]) -> list[dict[str, Any]]:
+def probe_records(manifest: Manifest) -> list[dict[str, Any]]:
     """Records meeting every known category of every string column, both booleans, a null in
-    every nullable column and, per numeric column, each of `numbers[name]` (training mean,
-    extremes and spread): what `TableEncoder.verify` compares against scikit-learn."""
-    known = {c.name: list(c.categories or categories.get(c.name) or ()) for c in schema.columns if c.kind == "string"}
+    every nullable column and, per numeric column, its training mean, extremes, mean ± std and
+    quantiles: what `TableEncoder.verify` compares against scikit-learn."""
+    schema = manifest.schema
+    numbers = {
+        name: [min(max(value, stats.min), stats.max)
+               for value in (stats.mean, stats.min, stats.max, stats.mean + stats.std, stats.mean - stats.std,
+                             *stats.quantiles.values())]
+        for name, stats in manifest.training_stats.items()
+    }
+    seen = {name: list(stats.frequencies) for name, stats in manifest.category_stats.items()}
+    known = {c.name: list(c.categories or seen.get(c.name) or ()) for c in schema.columns if c.kind == "string"}
     n_rows = max([4, *(len(values) + 1 for values in known.values()), *(len(v) + 1 for v in numbers.values())])
     records = []
     for row in range(n_rows):
@@ -290,7 +294,7 @@ def probe_records(schema: InputSchema, numbers: Mapping[str, Sequence[float]], c
             elif column.kind == "boolean":
                 record[column.name] = row % 2 == 0
             else:
-                spread = list(numbers.get(column.name) or (0.0, 1.0, 3.0))
+                spread = numbers.get(column.name) or [0.0, 1.0, 3.0]
                 value = spread[row % len(spread)]
                 record[column.name] = round(value) if column.kind == "integer" else value
         records.append(record)

@@ -414,13 +414,8 @@ def _verified_encoder(head: Any, manifest: Manifest) -> tuple[TableEncoder | Non
     encoder, why = TableEncoder.build(head, manifest.schema)
     if encoder is None:
         return None, f"scikit-learn ({why})"
-    numbers = {}
-    for name, stats in manifest.training_stats.items():
-        spread = (stats.mean, stats.min, stats.max, stats.mean + stats.std, stats.mean - stats.std, *stats.quantiles.values())
-        numbers[name] = [min(max(value, stats.min), stats.max) for value in spread]
-    categories = {name: list(stats.frequencies) for name, stats in manifest.category_stats.items()}
     try:
-        probe = decode_records(probe_records(manifest.schema, numbers, categories), manifest.schema, "the encoder's probe")
+        probe = decode_records(probe_records(manifest), manifest.schema, "the encoder's probe")
         problem = encoder.verify(head, probe)
     except Exception as exc:  # noqa: BLE001 - any failure means: let scikit-learn transform
         problem = f"{type(exc).__name__}: {exc}"
